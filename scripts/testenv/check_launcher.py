@@ -1,0 +1,435 @@
+#!/usr/bin/env python3
+"""Self-check of nx_launcher.py's reply corrections against a running server.
+
+    .venv-test/bin/python scripts/testenv/check_launcher.py "$EVENTSYNC_TEST_MONGODB_URI"
+
+Each check asserts one correction listed at the top of nx_launcher.py.  Uses
+fresh collections (random suffix), so it can run against a server in use.
+Exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import threading
+import time
+import uuid
+
+import bson
+from bson import ObjectId
+from bson.codec_options import CodecOptions
+from bson.int64 import Int64
+from bson.raw_bson import RawBSONDocument
+from bson.timestamp import Timestamp
+from pymongo import MongoClient, monitoring
+from pymongo.errors import OperationFailure
+
+HISTORY_LOST = 286
+CURSOR_NOT_FOUND = 43
+RAW = CodecOptions(document_class=RawBSONDocument, tz_aware=True)
+
+
+class Replies(monitoring.CommandListener):
+    """Records every command reply as the driver decoded it."""
+
+    def __init__(self) -> None:
+        self.replies: list[tuple[str, dict]] = []
+        self.lock = threading.Lock()
+
+    def started(self, event):
+        pass
+
+    def succeeded(self, event):
+        with self.lock:
+            self.replies.append((event.command_name, event.reply))
+
+    def failed(self, event):
+        pass
+
+    def take(self) -> list[tuple[str, dict]]:
+        with self.lock:
+            out, self.replies = self.replies, []
+        return out
+
+
+def check(cond: bool, what: str) -> None:
+    if not cond:
+        raise AssertionError(what)
+
+
+def ok(what: str) -> None:
+    print(f"ok   {what}")
+
+
+class RawStream:
+    """A change stream driven by explicit aggregate/getMore commands, so every
+    reply field (and its BSON type) is visible."""
+
+    def __init__(self, db, coll: str, max_time_ms: int = 100, raw: bool = False, **opts) -> None:
+        self.db = db
+        self.coll = coll
+        self.max_time_ms = max_time_ms
+        self.codec = RAW if raw else CodecOptions()
+        reply = db.command(
+            "aggregate", coll, pipeline=self._pipeline(opts), cursor={}, codec_options=self.codec
+        )
+        cursor = reply["cursor"]
+        check(type(cursor["id"]) is Int64, f"aggregate cursor.id is Int64 ({type(cursor['id'])})")
+        check("postBatchResumeToken" in cursor, "aggregate reply has postBatchResumeToken")
+        self.id = cursor["id"]
+        self.pbrt = cursor["postBatchResumeToken"]
+        self.first = list(cursor["firstBatch"])
+
+    @staticmethod
+    def _pipeline(opts: dict) -> list:
+        extra = opts.pop("match", None)
+        pipeline = [{"$changeStream": opts}]
+        if extra is not None:
+            pipeline.append({"$match": extra})
+        return pipeline
+
+    def get_more(self, max_time_ms: int | None = None, batch_size: int | None = None) -> list:
+        kwargs = {"collection": self.coll, "maxTimeMS": max_time_ms or self.max_time_ms}
+        if batch_size:
+            kwargs["batchSize"] = batch_size
+        reply = self.db.command("getMore", self.id, codec_options=self.codec, **kwargs)
+        cursor = reply["cursor"]
+        check(type(cursor["id"]) is Int64, "getMore cursor.id is Int64")
+        check(cursor["id"] == self.id, "change stream cursor stays open")
+        check("postBatchResumeToken" in cursor, "getMore reply has postBatchResumeToken")
+        self.pbrt = cursor["postBatchResumeToken"]
+        return list(cursor["nextBatch"])
+
+    def drain(self, expect: int | None = None, timeout: float = 20.0) -> list:
+        events: list = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            batch = self.get_more()
+            events += batch
+            if expect is not None and len(events) >= expect:
+                break
+            if expect is None and not batch:
+                break
+        if expect is not None:
+            check(len(events) == expect, f"expected {expect} events, got {len(events)}")
+        return events
+
+    def kill(self) -> dict:
+        return self.db.command("killCursors", self.coll, cursors=[self.id])
+
+
+def token_rowid(token) -> int:
+    return int(token["_data"].split(":")[1])
+
+
+def check_event_shape(ev: dict, coll: str, dbname: str) -> None:
+    """Fields the Rust driver's typed ChangeStreamEvent<Document> decodes."""
+    check(isinstance(ev["_id"], dict), "event _id is a document")
+    check(isinstance(ev["operationType"], str), "operationType is a string")
+    check(type(ev["clusterTime"]) is Timestamp, f"clusterTime is Timestamp ({type(ev['clusterTime'])})")
+    check(isinstance(ev["wallTime"], datetime.datetime), "wallTime is a datetime")
+    check(ev["ns"] == {"db": dbname, "coll": coll}, f"ns is {{db, coll}}: {ev['ns']}")
+    check(isinstance(ev["documentKey"], dict) and "_id" in ev["documentKey"], "documentKey has _id")
+    check("updateDescription" not in ev, "no updateDescription field (nx sent null)")
+    if ev["operationType"] == "delete":
+        check("fullDocument" not in ev, "delete event has no fullDocument")
+
+
+def main(uri: str) -> int:
+    listener = Replies()
+    client = MongoClient(uri, event_listeners=[listener], serverSelectionTimeoutMS=10000)
+    client.admin.command("ping")
+    suffix = uuid.uuid4().hex[:8]
+    db = client[f"launcher_check_{suffix}"]
+    dbname = db.name
+
+    # ---- a. Int64 cursor ids; no id:0 -> Int64 rewrite ---------------------
+    data = db[f"data_{suffix}"]
+    data.insert_many([{"_id": i, "id": 0, "n": i} for i in range(5)])
+    listener.take()
+    docs = list(data.find({}, batch_size=2).sort("_id", 1))
+    check(len(docs) == 5, "find with batches returns all documents")
+    cursor_replies = [r for name, r in listener.take() if name in ("find", "getMore")]
+    check(len(cursor_replies) >= 3, "find used getMore")
+    for reply in cursor_replies:
+        check(type(reply["cursor"]["id"]) is Int64, f"find/getMore cursor.id is Int64: {reply['cursor']}")
+    check(cursor_replies[0]["cursor"]["id"] != 0, "first find batch left a cursor open")
+    check(cursor_replies[-1]["cursor"]["id"] == 0, "last batch closes the cursor")
+    raw_doc = data.with_options(codec_options=RAW).find_one({"_id": 0})
+    check(raw_doc.raw == bson.encode({"_id": 0, "id": 0, "n": 0}),
+          "document field id: 0 stays Int32 (nx rewrote it to Int64)")
+    # CursorNotFound on an exhausted / unknown data cursor
+    first = db.command("find", data.name, batchSize=2)
+    cid = first["cursor"]["id"]
+    check(type(cid) is Int64 and cid != 0, "find command cursor.id is a non-zero Int64")
+    killed = db.command("killCursors", data.name, cursors=[cid])
+    check(killed["cursorsKilled"] == [cid] and type(killed["cursorsKilled"][0]) is Int64,
+          f"killCursors reports the killed data cursor as Int64: {killed}")
+    try:
+        db.command("getMore", cid, collection=data.name)
+        check(False, "getMore on a killed data cursor must fail")
+    except OperationFailure as exc:
+        check(exc.code == CURSOR_NOT_FOUND, f"getMore on killed data cursor: code 43, got {exc.code}")
+    ok("a. cursor ids are Int64 (find, getMore, aggregate, killCursors); id:0 fields stay Int32; "
+       "getMore on a dead cursor -> CursorNotFound")
+
+    # ---- b-e. change events ------------------------------------------------
+    coll = db[f"events_{suffix}"]
+    coll.insert_one({"_id": "before-watch"})
+    s_lookup = RawStream(db, coll.name, fullDocument="updateLookup")
+    s_default = RawStream(db, coll.name)
+    check(s_lookup.first == [] and s_default.first == [], "change streams start empty")
+    oid = ObjectId()
+    when = datetime.datetime(2021, 3, 4, 5, 6, 7, 891000, tzinfo=datetime.timezone.utc)
+    typed = {
+        "_id": 1,
+        "big": Int64(2**40 + 3),
+        "neg_big": Int64(-(2**35)),
+        "i32": 7,
+        "f": 1.5,
+        "s": "text",
+        "b": True,
+        "none": None,
+        "when": when,
+        "oid": oid,
+        "arr": [1, "two", {"three": ObjectId()}, [when]],
+        "sub": {"x": {"y": Int64(2**50)}},
+        "id": 0,
+    }
+    coll.insert_one(typed)
+    coll.insert_one({"_id": oid, "kind": "objectid"})
+    coll.insert_one({"_id": "str-id", "kind": "string"})
+    coll.update_one({"_id": 1}, {"$set": {"s": "changed"}})
+    coll.update_one({"_id": 1}, {"$set": {"s": "changed again"}, "$inc": {"i32": 1}})
+    coll.replace_one({"_id": "str-id"}, {"kind": "replaced"})
+    coll.update_one({"_id": oid}, {"$set": {"gone": True}})
+    coll.delete_one({"_id": oid})
+    coll.delete_one({"_id": "str-id"})
+    n_events = 9
+
+    ev_l = s_lookup.drain(expect=n_events)
+    ev_d = s_default.drain(expect=n_events)
+    for ev in ev_l + ev_d:
+        check_event_shape(ev, coll.name, dbname)
+    ops = [e["operationType"] for e in ev_l]
+    check(ops == ["insert"] * 3 + ["update"] * 4 + ["delete"] * 2,
+          f"operation types in order (replace reported as update): {ops}")
+    check([e["_id"] for e in ev_l] == [e["_id"] for e in ev_d], "both streams see the same events")
+
+    # b. clusterTime Timestamp strictly increasing
+    times = [e["clusterTime"] for e in ev_l]
+    check(all(a < b for a, b in zip(times, times[1:])), f"clusterTime strictly increasing: {times}")
+    now = time.time()
+    check(all(abs(t.time - now) < 600 for t in times), "clusterTime seconds are the time of the change")
+    check(all(abs(e["wallTime"].timestamp() - now) < 600 for e in ev_l), "wallTime is the time of the change")
+    ok("b. clusterTime is a strictly increasing BSON Timestamp; wallTime is a datetime")
+
+    # c. exact-typed fullDocument
+    expected_raw = bson.encode(typed)
+    # the insert event, re-read with raw decoding, byte-compared with the inserted document
+    replay = RawStream(db, coll.name, raw=True, fullDocument="updateLookup",
+                       resumeAfter={"_data": f"nx:{token_rowid(ev_l[0]['_id']) - 1}"})
+    replayed = replay.drain(expect=n_events)
+    replay.kill()
+    ins = replayed[0]
+    check(ins["fullDocument"].raw == expected_raw,
+          "insert fullDocument is byte-identical to the inserted BSON (Int64 > 2**31, ObjectId, "
+          f"datetime, nested):\n  got  {bson.decode(ins['fullDocument'].raw)}\n  want {typed}")
+    check(type(ev_l[0]["fullDocument"]["big"]) is Int64, "Int64 > 2**31 stays Int64")
+    check(ev_l[0]["fullDocument"]["when"] == when.replace(tzinfo=None), "datetime keeps milliseconds")
+    check(isinstance(ev_l[0]["fullDocument"]["oid"], ObjectId), "ObjectId stays ObjectId")
+    found = coll.with_options(codec_options=RAW).find_one({"_id": 1})
+    # updateLookup: both update events of _id 1 carry the *current* document
+    upd1 = [e for e in replayed if e["operationType"] == "update" and bson.decode(e["documentKey"].raw)["_id"] == 1]
+    check(len(upd1) == 2, "two update events for _id 1")
+    for e in upd1:
+        check(e["fullDocument"].raw == found.raw, "updateLookup fullDocument == current document (exact bytes)")
+    check(ev_l[3]["fullDocument"]["s"] == "changed again",
+          "updateLookup may already contain later writes (runs ahead)")
+    upd_oid = ev_l[6]
+    check(upd_oid["documentKey"]["_id"] == oid and "fullDocument" in upd_oid
+          and upd_oid["fullDocument"] is None,
+          f"updateLookup of a since-deleted document is null: {upd_oid}")
+    check(ev_l[5]["fullDocument"] is None, "replaced-then-deleted document looks up as null")
+    # default stream: inserts carry fullDocument, updates none, deletes none
+    for e in ev_d:
+        if e["operationType"] == "insert":
+            check("fullDocument" in e and e["fullDocument"] is not None, "default stream: insert has fullDocument")
+        else:
+            check("fullDocument" not in e, f"default stream: {e['operationType']} has no fullDocument")
+    check(ev_d[0]["fullDocument"] == ev_l[0]["fullDocument"], "insert fullDocument same in both modes")
+    ok("c. fullDocument exact-typed: insert = inserted document (byte-identical), updateLookup = current "
+       "document or null, no fullDocument on updates without updateLookup nor on deletes")
+
+    # d. typed documentKey
+    keys = [e["documentKey"]["_id"] for e in ev_l]
+    check(keys == [1, oid, "str-id", 1, 1, "str-id", oid, oid, "str-id"], f"documentKey ids: {keys}")
+    check(type(keys[0]) is int and type(keys[7]) is ObjectId and type(keys[8]) is str,
+          "documentKey._id types int/ObjectId/str, also on deletes")
+    ok("d. documentKey._id keeps the real _id type (int, ObjectId, string), deletes included")
+
+    # e. no updateDescription anywhere
+    check(all("updateDescription" not in e for e in ev_l + ev_d), "no updateDescription")
+    ok("e. updateDescription: null removed (inserts, updates, deletes)")
+
+    # ---- h. postBatchResumeToken -------------------------------------------
+    check(s_lookup.pbrt == ev_l[-1]["_id"], "PBRT after the batch == last event token")
+    before = s_lookup.pbrt
+    check(s_lookup.get_more() == [] and s_lookup.pbrt == before, "empty batch keeps PBRT at the watermark")
+    deletes_only = RawStream(db, coll.name, match={"operationType": "delete"})
+    p0 = deletes_only.pbrt
+    coll.insert_one({"_id": "filtered"})
+    got = deletes_only.drain()
+    check(got == [], "a filtered-out event is not delivered")
+    check(token_rowid(deletes_only.pbrt) > token_rowid(p0), "PBRT advances past filtered-out events")
+    deletes_only.kill()
+    s_default.drain(expect=1)
+    s_lookup.drain(expect=1)
+    ok("h. postBatchResumeToken on aggregate and getMore; == last event; advances on empty "
+       "(filtered) batches; stays put when idle")
+
+    # getMore awaitData: empty batch after maxTimeMS; early return on a write
+    t0 = time.monotonic()
+    check(s_lookup.get_more(max_time_ms=400) == [], "idle getMore returns an empty batch")
+    took = time.monotonic() - t0
+    check(0.3 <= took < 3.0, f"idle getMore waits ~maxTimeMS (400 ms) then returns: {took:.2f}s")
+    result: dict = {}
+
+    def waiter():
+        t = time.monotonic()
+        result["batch"] = s_lookup.get_more(max_time_ms=10000)
+        result["took"] = time.monotonic() - t
+
+    th = threading.Thread(target=waiter)
+    th.start()
+    time.sleep(0.3)
+    coll.insert_one({"_id": "wake"})
+    th.join(15)
+    check(not th.is_alive(), "waiting getMore returned")
+    check(len(result["batch"]) == 1 and result["took"] < 3.0,
+          f"waiting getMore returns early when a write lands: {result}")
+    ok("h. getMore with maxTimeMS: empty batch after ~maxTimeMS, early return on a write")
+
+    # killCursors on a change stream; getMore afterwards -> CursorNotFound
+    killed = s_lookup.kill()
+    check(killed["cursorsKilled"] == [s_lookup.id] and type(killed["cursorsKilled"][0]) is Int64,
+          f"killCursors kills the change stream: {killed}")
+    try:
+        db.command("getMore", s_lookup.id, collection=coll.name, maxTimeMS=100)
+        check(False, "getMore on a killed change stream must fail")
+    except OperationFailure as exc:
+        check(exc.code == CURSOR_NOT_FOUND, f"killed change stream: code 43, got {exc.code}")
+    s_default.kill()
+    ok("h. killCursors works on change streams; later getMore -> CursorNotFound (resumable)")
+
+    # driver-level watch() round trip (pymongo's own ChangeStream)
+    listener.take()
+    with coll.watch(full_document="updateLookup", max_await_time_ms=200) as cs:
+        coll.insert_one({"_id": "via-watch", "v": Int64(2**33)})
+        ev = None
+        deadline = time.monotonic() + 10
+        while ev is None and time.monotonic() < deadline:
+            ev = cs.try_next()
+        check(ev is not None and ev["fullDocument"] == {"_id": "via-watch", "v": 2**33}, f"watch(): {ev}")
+        check(type(ev["fullDocument"]["v"]) is Int64, "watch(): Int64 kept")
+        check(cs.resume_token == ev["_id"] or token_rowid(cs.resume_token) >= token_rowid(ev["_id"]),
+              "watch(): resume token tracks events")
+    for name, reply in listener.take():
+        if name in ("aggregate", "getMore"):
+            check(type(reply["cursor"]["id"]) is Int64, "watch(): cursor ids Int64")
+    ok("pymongo watch() decodes the corrected events")
+
+    # ---- f. resume and ChangeStreamHistoryLost -----------------------------
+    hist = db[f"history_{suffix}"]
+    early = RawStream(db, hist.name)
+    hist.insert_one({"_id": "first"})
+    first_ev = early.drain(expect=1)[0]
+    early.kill()
+    early_token = first_ev["_id"]
+
+    reader = RawStream(db, hist.name)
+    total = 1150
+    for start in range(0, total, 250):
+        hist.insert_many([{"_id": i, "n": i} for i in range(start, min(start + 250, total))])
+    seen = reader.drain(expect=total)
+    reader.get_more(max_time_ms=50)  # one more pull: prune with the reader at the end
+    check([e["documentKey"]["_id"] for e in seen] == list(range(total)), "reader saw every change in order")
+
+    def resume(token, **extra):
+        return RawStream(db, hist.name, resumeAfter=token, **extra)
+
+    def expect_lost(token, what):
+        try:
+            s = resume(token)
+            s.kill()
+            check(False, f"{what}: resume must fail with ChangeStreamHistoryLost")
+        except OperationFailure as exc:
+            check(exc.code == HISTORY_LOST, f"{what}: code 286, got {exc.code} {exc.details}")
+            check(exc.details.get("codeName") == "ChangeStreamHistoryLost", f"{what}: codeName")
+            check("may no longer be in the oplog" in str(exc.details.get("errmsg")), f"{what}: errmsg")
+
+    expect_lost(early_token, "token pruned by nx (1150 later changes)")
+    # nx keeps the newest 1000 rows: resuming after seen[-1001] needs only retained rows;
+    # after seen[-1002] it would need the pruned row of seen[-1001].
+    expect_lost(seen[-1002]["_id"], "token just before the retained window")
+    boundary = resume(seen[-1001]["_id"])
+    got = boundary.drain(expect=1000)
+    check([e["_id"] for e in got] == [e["_id"] for e in seen[-1000:]],
+          "resume from the oldest valid token delivers exactly the following events")
+    boundary.kill()
+    mid = RawStream(db, hist.name, startAfter=seen[-300]["_id"])
+    got = mid.drain(expect=299)
+    check([e["_id"] for e in got] == [e["_id"] for e in seen[-299:]], "startAfter delivers exactly the following events")
+    check(mid.get_more(max_time_ms=50) == [], "and nothing more")
+    mid.kill()
+    expect_lost({"_data": "garbage"}, "unrecognized token")
+    expect_lost({"_data": "nx:999999999999"}, "token from another history (beyond newest row)")
+    # newest token: resumes normally and then delivers exactly the new changes
+    newest = resume(reader.pbrt)
+    check(newest.get_more(max_time_ms=50) == [], "resume from the newest token: nothing old")
+    hist.update_one({"_id": 5}, {"$set": {"n": -5}})
+    got = newest.drain(expect=1)
+    check(got[0]["operationType"] == "update" and got[0]["documentKey"] == {"_id": 5},
+          "resume from the newest token delivers the next change")
+    newest.kill()
+    reader.kill()
+    # never-written collection: a token of its (empty) stream resumes normally
+    fresh = db[f"fresh_{suffix}"]
+    s = RawStream(db, fresh.name)
+    empty_token = s.pbrt
+    s.kill()
+    s = RawStream(db, fresh.name, resumeAfter=empty_token)
+    fresh.insert_one({"_id": "x"})
+    got = s.drain(expect=1)
+    check(got[0]["documentKey"] == {"_id": "x"}, "resume on a never-written collection works")
+    s.kill()
+    # pymongo's watch(resume_after=...) surfaces the error too
+    try:
+        with hist.watch(resume_after=early_token) as cs:
+            cs.try_next()
+        check(False, "watch(resume_after=pruned) must fail")
+    except OperationFailure as exc:
+        check(exc.code == HISTORY_LOST, f"watch(): code 286, got {exc.code}")
+    ok("f. resume: pruned/unknown/foreign tokens -> 286 ChangeStreamHistoryLost; boundary, "
+       "newest and never-written tokens resume with exactly the following events")
+
+    # ---- g. hello -------------------------------------------------------------
+    hello = client.admin.command("hello")
+    check(hello.get("isWritablePrimary") is True, "hello: writable primary")
+    ok("g. hello unchanged (connect with directConnection=true)")
+
+    client.drop_database(dbname)
+    print("ALL CHECKS PASSED")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    try:
+        sys.exit(main(sys.argv[1]))
+    except AssertionError as exc:
+        print(f"FAIL {exc}", file=sys.stderr)
+        sys.exit(1)
