@@ -24,8 +24,15 @@ fn leaf() -> impl Strategy<Value = Bson> {
         any::<i32>().prop_map(Bson::Int32),
         any::<i64>().prop_map(Bson::Int64),
         any::<f64>().prop_map(Bson::Double),
-        prop_oneof![Just(0.0), Just(-0.0), Just(1.0), Just(2.5), Just(f64::NAN), Just(f64::INFINITY)]
-            .prop_map(Bson::Double),
+        prop_oneof![
+            Just(0.0),
+            Just(-0.0),
+            Just(1.0),
+            Just(2.5),
+            Just(f64::NAN),
+            Just(f64::INFINITY)
+        ]
+        .prop_map(Bson::Double),
         ".{0,6}".prop_map(Bson::String),
         any::<bool>().prop_map(Bson::Boolean),
         Just(Bson::Null),
@@ -44,14 +51,24 @@ fn leaf() -> impl Strategy<Value = Bson> {
         }),
         prop_oneof![Just("NaN"), Just("Infinity"), Just("-Infinity"), Just("-0")]
             .prop_map(|s| Bson::Decimal128(s.parse::<Decimal128>().expect("valid decimal"))),
-        (prop::collection::vec(any::<u8>(), 0..8), prop_oneof![Just(0u8), Just(4), Just(5), Just(0x80)])
-            .prop_map(|(bytes, st)| Bson::Binary(Binary { subtype: BinarySubtype::from(st), bytes })),
-        (any::<u32>(), any::<u32>()).prop_map(|(time, increment)| Bson::Timestamp(Timestamp { time, increment })),
+        (
+            prop::collection::vec(any::<u8>(), 0..8),
+            prop_oneof![Just(0u8), Just(4), Just(5), Just(0x80)]
+        )
+            .prop_map(|(bytes, st)| Bson::Binary(Binary {
+                subtype: BinarySubtype::from(st),
+                bytes
+            })),
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(time, increment)| Bson::Timestamp(Timestamp { time, increment })),
         ("[a-z]{0,3}", "[imsx]{0,2}").prop_map(|(pattern, options)| {
             let mut o: Vec<char> = options.chars().collect();
             o.sort_unstable();
             o.dedup();
-            Bson::RegularExpression(Regex { pattern, options: o.into_iter().collect() })
+            Bson::RegularExpression(Regex {
+                pattern,
+                options: o.into_iter().collect(),
+            })
         }),
         Just(Bson::MinKey),
         Just(Bson::MaxKey),
@@ -64,9 +81,8 @@ fn value() -> impl Strategy<Value = Bson> {
     leaf().prop_recursive(4, 48, 5, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..5).prop_map(Bson::Array),
-            prop::collection::vec((key(), inner), 0..5).prop_map(|kvs| {
-                Bson::Document(kvs.into_iter().collect::<Document>())
-            }),
+            prop::collection::vec((key(), inner), 0..5)
+                .prop_map(|kvs| { Bson::Document(kvs.into_iter().collect::<Document>()) }),
         ]
     })
 }
@@ -144,7 +160,11 @@ proptest! {
 #[test]
 fn numeric_types_are_distinct_in_patches() {
     let a = doc! { "n": 1_i32 };
-    for b in [doc! { "n": 1_i64 }, doc! { "n": 1.0 }, doc! { "n": "1".parse::<Decimal128>().unwrap() }] {
+    for b in [
+        doc! { "n": 1_i64 },
+        doc! { "n": 1.0 },
+        doc! { "n": "1".parse::<Decimal128>().unwrap() },
+    ] {
         let patch = diff(&a, &b);
         assert_eq!(patch.len(), 1, "{a} -> {b} must change the type");
         assert_eq!(bytes(&apply(&a, &patch).unwrap()), bytes(&b));
@@ -158,7 +178,10 @@ fn key_order_is_preserved_through_removes() {
     let got = apply(&a, &diff(&a, &b)).unwrap();
     assert_eq!(got.keys().collect::<Vec<_>>(), vec!["a", "c", "d"]);
     let reordered = doc! { "d": 4, "a": 1 };
-    assert_eq!(bytes(&apply(&a, &diff(&a, &reordered)).unwrap()), bytes(&reordered));
+    assert_eq!(
+        bytes(&apply(&a, &diff(&a, &reordered)).unwrap()),
+        bytes(&reordered)
+    );
 }
 
 #[test]

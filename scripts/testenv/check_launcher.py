@@ -244,7 +244,7 @@ def main(uri: str) -> int:
     upd1 = [e for e in replayed if e["operationType"] == "update" and bson.decode(e["documentKey"].raw)["_id"] == 1]
     check(len(upd1) == 2, "two update events for _id 1")
     for e in upd1:
-        check(e["fullDocument"].raw == found.raw, "updateLookup fullDocument == current document (exact bytes)")
+        check(e["fullDocument"] is not None and e["fullDocument"].raw == found.raw, "updateLookup fullDocument == current document (exact bytes)")
     check(ev_l[3]["fullDocument"]["s"] == "changed again",
           "updateLookup may already contain later writes (runs ahead)")
     upd_oid = ev_l[6]
@@ -278,14 +278,18 @@ def main(uri: str) -> int:
     before = s_lookup.pbrt
     check(s_lookup.get_more() == [] and s_lookup.pbrt == before, "empty batch keeps PBRT at the watermark")
     deletes_only = RawStream(db, coll.name, match={"operationType": "delete"})
-    p0 = deletes_only.pbrt
     coll.insert_one({"_id": "filtered"})
-    got = deletes_only.drain()
-    check(got == [], "a filtered-out event is not delivered")
-    check(token_rowid(deletes_only.pbrt) > token_rowid(p0), "PBRT advances past filtered-out events")
+    coll.delete_one({"_id": "filtered"})
+    got = deletes_only.drain(expect=1)
+    check(got[0]["operationType"] == "delete" and deletes_only.pbrt == got[0]["_id"],
+          "$match stream: PBRT == its last delivered event")
+    coll.insert_one({"_id": "filtered-2"})
+    check(deletes_only.drain() == [], "a filtered-out event is not delivered")
+    check(token_rowid(deletes_only.pbrt) > token_rowid(got[0]["_id"]),
+          "PBRT advances past filtered-out events")
     deletes_only.kill()
-    s_default.drain(expect=1)
-    s_lookup.drain(expect=1)
+    s_default.drain(expect=3)
+    s_lookup.drain(expect=3)
     ok("h. postBatchResumeToken on aggregate and getMore; == last event; advances on empty "
        "(filtered) batches; stays put when idle")
 

@@ -9,8 +9,11 @@ The daemon must not know about any of this.
 Usage (same CLI as ``nx-27017``):
     python nx_launcher.py --db memory|FILE --host 127.0.0.1 -p PORT
 When not given, ``--pid-file`` defaults to ``$TMPDIR/nx_launcher_<port>.pid``
-(the nx default ``/tmp/nx_27017.pid`` would stop a second server from
-starting) and ``--log-file`` to /dev/null (logs go to stderr).
+(replaced at start; the nx default ``/tmp/nx_27017.pid`` would stop a second
+server from starting) and ``--log-file`` to /dev/null (logs go to stderr).
+``--db FILE`` keeps every logical database in one SQLite file, where
+databases share collections (``a.x`` is ``b.x``); ``--data-dir DIR`` keeps one
+file per database, isolated like MongoDB (what the scripts use).
 
 Differences corrected (each asserted by check_launcher.py)
 -----------------------------------------------------------
@@ -46,6 +49,9 @@ f. ``$changeStream.resumeAfter``/``startAfter`` with a token whose history is
    in ``_neosqlite_launcher_cs_horizon``, whichever nx path pruned it), and N
    is not beyond the newest row id this database ever issued (e.g. a token
    from an earlier in-memory server).  Unparseable tokens also get 286.
+   nx prunes a collection's history only while some stream on it reads, down
+   to the newest 1000 rows behind the slowest open stream; so to provoke 286,
+   close the stream, keep another one open and read it through >1000 changes.
 h. ``cursor.postBatchResumeToken`` of change-stream replies is the stream's
    high-water mark (last event of the batch, or past events the pipeline
    filtered out, or the current point when the batch is empty); nx kept the
@@ -97,20 +103,20 @@ import tempfile
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any
-
 from decimal import Decimal as PyDecimal
+from typing import Any
 
 from bson import Decimal128
 from bson import ObjectId as BsonObjectId
 from bson import encode as bson_encode
 from bson.int64 import Int64
 from bson.timestamp import Timestamp
+from neosqlite.objectid import ObjectId as NeoObjectId
 
 from nx_27017 import changestream as nx_cs
+from nx_27017 import daemon as nx_daemon
 from nx_27017 import handler as nx_handler
 from nx_27017 import server as nx_server
-from neosqlite.objectid import ObjectId as NeoObjectId
 from nx_27017 import wire_protocol as nx_wire
 
 logger = logging.getLogger("nx_27017.launcher")
@@ -204,6 +210,8 @@ def _build_reply(request_id, response_to, documents, flags=0):
 
 def _row_time(raw: Any) -> datetime:
     """Time of a change-log row (SQLite CURRENT_TIMESTAMP, UTC)."""
+    if isinstance(raw, datetime):
+        return raw if raw.tzinfo else raw.replace(tzinfo=timezone.utc)
     if isinstance(raw, str):
         for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M:%S.%f"):
             try:
@@ -328,11 +336,6 @@ def _pull_stream(self, stream, batch_size: int = 101):
     return batch, nx_cs._wire_token(stream._watermark)
 
 
-def _get_resume_token(self) -> dict:
-    """postBatchResumeToken: the stream's high-water mark."""
-    return nx_cs._wire_token(self._watermark)
-
-
 # ---------------------------------------------------------------------------
 # f. ChangeStreamHistoryLost
 # ---------------------------------------------------------------------------
@@ -421,6 +424,7 @@ def _cursor_not_found(cursor_id: Any) -> dict[str, Any]:
 
 _write_cond = threading.Condition()
 _write_gen = 0
+_shutdown = threading.Event()
 
 
 def _bump() -> None:
@@ -512,7 +516,7 @@ def _handle_command(self, msg):
             if not isinstance(cursor, dict) or cursor.get("nextBatch"):
                 return rid, reply
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or _shutdown.is_set():
                 return rid, reply
             with _write_cond:
                 if _write_gen == seen:
@@ -550,6 +554,14 @@ def _handler_init(self, *args, **kwargs):
     self._change_stream_manager._nx_launcher_handler = self
 
 
+def _signal_exit_handler(signum, frame):
+    """nx's SIGTERM/SIGINT handler, plus: end waiting getMores at once (the
+    executor threads are joined on exit)."""
+    _shutdown.set()
+    _bump()
+    sys.exit(0)
+
+
 _orig_run_server = nx_server.run_server
 
 
@@ -565,12 +577,12 @@ def apply_patches() -> None:
     nx_wire.ResponseBuilder.build_reply = staticmethod(_build_reply)
     nx_cs.ChangeStreamManager.pull_stream = _pull_stream
     nx_cs.ChangeStreamManager.ensure_tracked = _ensure_tracked
-    nx_cs.ChangeStreamCursor.get_resume_token = _get_resume_token
     nx_handler.NeoSQLiteHandler.__init__ = _handler_init
     nx_handler.NeoSQLiteHandler.handle_command = _handle_command
     nx_handler.NeoSQLiteHandler.handle_insert = _handle_insert
     nx_handler.NeoSQLiteHandler.handle_query = _handle_query
     nx_server.run_server = _run_server
+    nx_daemon._signal_exit_handler = _signal_exit_handler
 
 
 def _default_args(argv: list[str]) -> list[str]:
@@ -585,7 +597,14 @@ def _default_args(argv: list[str]) -> list[str]:
             port = a.split("=", 1)[1]
     out = list(argv)
     if not given("--pid-file"):
-        out += ["--pid-file", os.path.join(tempfile.gettempdir(), f"nx_launcher_{port}.pid")]
+        # nx refuses to start while its pid file names a live process; a server
+        # killed with SIGKILL leaves one behind.  The port bind alone decides.
+        pid_file = os.path.join(tempfile.gettempdir(), f"nx_launcher_{port}.pid")
+        try:
+            os.unlink(pid_file)
+        except OSError:
+            pass
+        out += ["--pid-file", pid_file]
     if not given("--log-file"):
         out += ["--log-file", os.devnull]
     return out

@@ -53,9 +53,11 @@ impl ReadCache {
             ttl: options.ttl,
             inner: Mutex::new(Inner {
                 entries: LruCache::new(options.capacity),
-                written: LruCache::new(options.capacity.saturating_mul(
-                    NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
-                )),
+                written: LruCache::new(
+                    options
+                        .capacity
+                        .saturating_mul(NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN)),
+                ),
             }),
         }
     }
@@ -123,4 +125,3 @@ impl ReadCache {
         self.lock().entries.pop(key);
     }
 }
-

@@ -346,7 +346,10 @@ where
             }
             if let Bson::Document(fields) = fields {
                 for name in [&self.fields().version_field, &self.fields().origin_field] {
-                    if fields.keys().any(|k| k == name || k.starts_with(&format!("{name}."))) {
+                    if fields
+                        .keys()
+                        .any(|k| k == name || k.starts_with(&format!("{name}.")))
+                    {
                         return Err(ClientError::InvalidUpdate(format!(
                             "the update must not change the stamp field `{name}`"
                         )));
@@ -364,7 +367,11 @@ where
             let mut full = update.clone();
             let mut set = match full.remove("$set") {
                 Some(Bson::Document(d)) => d,
-                Some(_) => return Err(ClientError::InvalidUpdate("`$set` must be a document".into())),
+                Some(_) => {
+                    return Err(ClientError::InvalidUpdate(
+                        "`$set` must be a document".into(),
+                    ))
+                }
                 None => Document::new(),
             };
             self.fields()
@@ -433,7 +440,12 @@ where
     }
 
     /// After a lost compare-and-swap: invalidate, back off, or give up with the versions.
-    async fn conflict(&self, id: &Bson, expected: i64, attempt: &mut u32) -> Result<(), ClientError> {
+    async fn conflict(
+        &self,
+        id: &Bson,
+        expected: i64,
+        attempt: &mut u32,
+    ) -> Result<(), ClientError> {
         let key = id_key(id);
         if let Some(cache) = &self.cache {
             cache.invalidate(&key);

@@ -112,7 +112,11 @@ fn array_index(token: &str, len: usize, for_insert: bool) -> Result<usize, Strin
     let index: usize = token
         .parse()
         .map_err(|_| format!("invalid array index {token:?}"))?;
-    let limit = if for_insert { len } else { len.saturating_sub(1) };
+    let limit = if for_insert {
+        len
+    } else {
+        len.saturating_sub(1)
+    };
     if index > limit || (!for_insert && len == 0) {
         return Err(format!("array index {index} out of bounds (length {len})"));
     }

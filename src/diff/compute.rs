@@ -66,7 +66,9 @@ fn walk(path: &mut PointerBuf, from: &Value, to: &Value, ops: &mut Vec<PatchOper
             if keeps_order(a, b) {
                 for key in a.keys().filter(|k| !b.contains_key(*k)) {
                     path.push_back(key.as_str());
-                    ops.push(PatchOperation::Remove(RemoveOperation { path: path.clone() }));
+                    ops.push(PatchOperation::Remove(RemoveOperation {
+                        path: path.clone(),
+                    }));
                     path.pop_back();
                 }
                 for (key, new) in b {
@@ -101,7 +103,9 @@ fn walk(path: &mut PointerBuf, from: &Value, to: &Value, ops: &mut Vec<PatchOper
             }
             for i in (common..a.len()).rev() {
                 path.push_back(i);
-                ops.push(PatchOperation::Remove(RemoveOperation { path: path.clone() }));
+                ops.push(PatchOperation::Remove(RemoveOperation {
+                    path: path.clone(),
+                }));
                 path.pop_back();
             }
         }

@@ -1,0 +1,253 @@
+//! The event log: one record per document version step.
+
+use bson::{doc, Bson, DateTime, Document, Timestamp};
+use futures_util::TryStreamExt;
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::FindOptions;
+use serde::Serialize;
+
+use super::{Store, StoreError};
+
+/// What happened to the document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    /// The document appeared.
+    Insert,
+    /// The document changed.
+    Update,
+    /// The document was replaced whole.
+    Replace,
+    /// The document was deleted (a tombstone: the patch is empty).
+    Delete,
+}
+
+impl Operation {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Insert => "insert",
+            Operation::Update => "update",
+            Operation::Replace => "replace",
+            Operation::Delete => "delete",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "insert" => Operation::Insert,
+            "update" => Operation::Update,
+            "replace" => Operation::Replace,
+            "delete" => Operation::Delete,
+            _ => return None,
+        })
+    }
+}
+
+/// One event of the log: the step of one document from `from_version` to `to_version`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    /// The stream (watched namespace) that produced it.
+    pub stream: String,
+    /// Dense, increasing position in the stream, from 1.
+    pub seq: i64,
+    /// The namespace `db.collection`.
+    pub ns: String,
+    /// The document's `_id`.
+    pub doc_id: Bson,
+    /// The canonical key of `doc_id` (its canonical Extended JSON).
+    pub doc_key: String,
+    /// Version before the event (0 before the first insert).
+    pub from_version: i64,
+    /// Version after the event.
+    pub to_version: i64,
+    /// The operation.
+    pub op: Operation,
+    /// The RFC 6902 patch from the previous state, JSON text over the type-preserving
+    /// representation (`[]` for a delete).
+    pub patch: String,
+    /// The writer's client id from the stamp; `None` for unstamped writers.
+    pub origin: Option<String>,
+    /// False when the daemon assigned the version because the writer did not stamp it.
+    pub stamped: bool,
+    /// Cluster time of the change.
+    pub cluster_time: Option<Timestamp>,
+    /// Wall time of the change.
+    pub wall_time: Option<DateTime>,
+    /// When the daemon appended it.
+    pub appended_at: DateTime,
+    /// The resume token of the change that produced it.
+    pub token: Option<Document>,
+}
+
+impl EventRecord {
+    /// The stored form.
+    pub fn to_document(&self) -> Document {
+        let mut d = doc! {
+            "stream": &self.stream,
+            "seq": self.seq,
+            "ns": &self.ns,
+            "doc_id": self.doc_id.clone(),
+            "doc_key": &self.doc_key,
+            "from_version": self.from_version,
+            "to_version": self.to_version,
+            "op": self.op.as_str(),
+            "patch": &self.patch,
+            "origin": self.origin.clone().map_or(Bson::Null, Bson::String),
+            "stamped": self.stamped,
+            "appended_at": self.appended_at,
+        };
+        if let Some(t) = self.cluster_time {
+            // As numbers: portable to servers and tools that cannot store Timestamps.
+            d.insert(
+                "cluster_time",
+                doc! { "t": i64::from(t.time), "i": i64::from(t.increment) },
+            );
+        }
+        if let Some(t) = self.wall_time {
+            d.insert("wall_time", t);
+        }
+        if let Some(t) = &self.token {
+            d.insert("token", t.clone());
+        }
+        d
+    }
+
+    /// Reads the stored form.
+    pub fn from_document(d: &Document) -> Result<Self, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            what: "event",
+            id: format!("{:?}", d.get("_id")),
+            reason,
+        };
+        let s = |k: &str| {
+            d.get_str(k)
+                .map(str::to_owned)
+                .map_err(|e| corrupt(format!("{k}: {e}")))
+        };
+        let i =
+            |k: &str| super::get_int(d, k).ok_or_else(|| corrupt(format!("{k}: not an integer")));
+        Ok(Self {
+            stream: s("stream")?,
+            seq: i("seq")?,
+            ns: s("ns")?,
+            doc_id: d
+                .get("doc_id")
+                .cloned()
+                .ok_or_else(|| corrupt("doc_id missing".into()))?,
+            doc_key: s("doc_key")?,
+            from_version: i("from_version")?,
+            to_version: i("to_version")?,
+            op: Operation::parse(&s("op")?).ok_or_else(|| corrupt("unknown op".into()))?,
+            patch: s("patch")?,
+            origin: d.get_str("origin").ok().map(str::to_owned),
+            stamped: d.get_bool("stamped").unwrap_or(true),
+            cluster_time: match d.get("cluster_time") {
+                Some(Bson::Timestamp(t)) => Some(*t),
+                Some(Bson::Document(ct)) => {
+                    match (super::get_int(ct, "t"), super::get_int(ct, "i")) {
+                        (Some(t), Some(i)) => Some(Timestamp {
+                            time: t as u32,
+                            increment: i as u32,
+                        }),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            },
+            wall_time: d.get_datetime("wall_time").ok().copied(),
+            appended_at: d
+                .get_datetime("appended_at")
+                .ok()
+                .copied()
+                .unwrap_or_else(DateTime::now),
+            token: d.get_document("token").ok().cloned(),
+        })
+    }
+}
+
+fn duplicate_index(e: &mongodb::error::Error) -> Option<usize> {
+    match e.kind.as_ref() {
+        ErrorKind::InsertMany(im) => im
+            .write_errors
+            .as_ref()
+            .and_then(|errs| errs.iter().find(|w| w.code == 11000).map(|w| w.index)),
+        ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == 11000 => Some(0),
+        _ => None,
+    }
+}
+
+impl Store {
+    /// Appends events in order. An event already in the log (same namespace, document and
+    /// `to_version`, as after a crash and replay) is skipped; a clash on the stream position
+    /// with a different event means another replica wrote it: [`StoreError::Fenced`].
+    pub async fn append_events(&self, events: &[EventRecord]) -> Result<(), StoreError> {
+        let mut rest: Vec<Document> = events.iter().map(EventRecord::to_document).collect();
+        let mut offset = 0usize;
+        while !rest.is_empty() {
+            match self.events().insert_many(rest.clone()).ordered(true).await {
+                Ok(_) => return Ok(()),
+                Err(e) => match duplicate_index(&e) {
+                    Some(i) => {
+                        let ev = &events[offset + i];
+                        // Same event again (replay) or another writer's event at our seq?
+                        let existing = self
+                            .events()
+                            .find_one(doc! { "ns": &ev.ns, "doc_key": &ev.doc_key, "to_version": ev.to_version })
+                            .await?;
+                        match existing {
+                            Some(x) if super::get_int(&x, "seq") == Some(ev.seq) => {}
+                            _ => return Err(StoreError::Fenced(ev.stream.clone())),
+                        }
+                        offset += i + 1;
+                        rest.drain(..=i);
+                    }
+                    None => return Err(e.into()),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// The highest position in a stream's log (0 when empty).
+    pub async fn last_seq(&self, stream: &str) -> Result<i64, StoreError> {
+        let last = self
+            .events()
+            .find_one(doc! { "stream": stream })
+            .sort(doc! { "seq": -1 })
+            .projection(doc! { "seq": 1 })
+            .await?;
+        Ok(last.and_then(|d| super::get_int(&d, "seq")).unwrap_or(0))
+    }
+
+    /// Events of a stream after a position, in order.
+    pub async fn events_after(
+        &self,
+        stream: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        self.find_events(
+            doc! { "stream": stream, "seq": { "$gt": after_seq } },
+            doc! { "seq": 1 },
+            limit,
+        )
+        .await
+    }
+
+    /// Events matching a filter, sorted, at most `limit`.
+    pub async fn find_events(
+        &self,
+        filter: Document,
+        sort: Document,
+        limit: i64,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let cursor = self
+            .events()
+            .find(filter)
+            .with_options(FindOptions::builder().sort(sort).limit(limit).build())
+            .await?;
+        let docs: Vec<Document> = cursor.try_collect().await?;
+        docs.iter().map(EventRecord::from_document).collect()
+    }
+}

@@ -1,0 +1,149 @@
+//! Leases: exactly one replica consumes a stream; the others stand by and take over
+//! when the holder stops renewing.
+
+use std::time::Duration;
+
+use bson::{doc, DateTime};
+use serde::Deserialize;
+
+use super::{Store, StoreError};
+use crate::config::{in_range, ConfigError};
+
+/// Lease timing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// How long a lease lasts without renewal, milliseconds. A dead holder is replaced
+    /// within this time.
+    pub ttl_ms: u64,
+    /// How often the holder renews and a stand-by replica tries to acquire, milliseconds.
+    pub renew_ms: u64,
+    /// This replica's id; default: host name and process id.
+    pub holder_id: Option<String>,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            ttl_ms: 10_000,
+            renew_ms: 2_000,
+            holder_id: None,
+        }
+    }
+}
+
+impl LeaseConfig {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        in_range("lease.ttl_ms", self.ttl_ms, 500, 600_000)?;
+        in_range("lease.renew_ms", self.renew_ms, 50, 300_000)?;
+        if self.renew_ms * 2 > self.ttl_ms {
+            return Err(ConfigError::invalid(
+                "lease.renew_ms",
+                format!(
+                    "is {}; it must be at most half of lease.ttl_ms ({}) so a healthy holder never lapses",
+                    self.renew_ms, self.ttl_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The lease time.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms)
+    }
+
+    /// The renewal period.
+    pub fn renew(&self) -> Duration {
+        Duration::from_millis(self.renew_ms)
+    }
+
+    /// This replica's holder id.
+    pub fn holder(&self) -> String {
+        self.holder_id.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "eventsyncd".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+/// A lease held by this replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// Grows with every change of holder; fences writes of an old holder.
+    pub epoch: i64,
+}
+
+fn add_ms(t: DateTime, ms: u64) -> DateTime {
+    DateTime::from_millis(t.timestamp_millis().saturating_add(ms as i64))
+}
+
+impl Store {
+    /// Tries to acquire or renew the lease on `stream` for `holder`. `Some` when held.
+    pub async fn acquire_lease(
+        &self,
+        stream: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<Held>, StoreError> {
+        let now = DateTime::now();
+        let expires = add_ms(now, ttl.as_millis() as u64);
+        let leases = self.leases();
+        // Renewal by the current holder keeps the epoch.
+        let renewed = leases
+            .find_one_and_update(
+                doc! { "_id": stream, "holder": holder, "expires_at": { "$gt": now } },
+                doc! { "$set": { "expires_at": expires } },
+            )
+            .return_document(mongodb::options::ReturnDocument::After)
+            .await?;
+        if let Some(d) = renewed {
+            return Ok(Some(Held {
+                epoch: super::get_int(&d, "epoch").unwrap_or(0),
+            }));
+        }
+        // Take over an expired lease (or our own expired one): a new epoch.
+        let taken = leases
+            .find_one_and_update(
+                doc! { "_id": stream, "expires_at": { "$lte": now } },
+                doc! { "$set": { "holder": holder, "expires_at": expires, "acquired_at": now }, "$inc": { "epoch": 1_i64 } },
+            )
+            .return_document(mongodb::options::ReturnDocument::After)
+            .await?;
+        if let Some(d) = taken {
+            return Ok(Some(Held {
+                epoch: super::get_int(&d, "epoch").unwrap_or(0),
+            }));
+        }
+        // No lease yet: create it; a concurrent creator wins the unique _id.
+        match leases
+            .insert_one(doc! { "_id": stream, "holder": holder, "expires_at": expires, "acquired_at": now, "epoch": 1_i64 })
+            .await
+        {
+            Ok(_) => Ok(Some(Held { epoch: 1 })),
+            Err(e) if crate::client::is_duplicate_key(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Gives the lease up (graceful shutdown) so another replica takes over at once.
+    pub async fn release_lease(&self, stream: &str, holder: &str) -> Result<(), StoreError> {
+        self.leases()
+            .update_one(
+                doc! { "_id": stream, "holder": holder },
+                doc! { "$set": { "expires_at": DateTime::from_millis(0) } },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The current holder of a stream's lease, if unexpired.
+    pub async fn lease_holder(&self, stream: &str) -> Result<Option<String>, StoreError> {
+        let now = DateTime::now();
+        let d = self
+            .leases()
+            .find_one(doc! { "_id": stream, "expires_at": { "$gt": now } })
+            .await?;
+        Ok(d.and_then(|d| d.get_str("holder").ok().map(str::to_owned)))
+    }
+}

@@ -1,0 +1,219 @@
+//! All MongoDB access of the daemon: the watched collections' change streams and scans,
+//! and the daemon's own database (events, shadows, checkpoints, leases, sync clients,
+//! dead letters).
+
+pub mod change_stream;
+pub mod checkpoints;
+pub mod clients;
+pub mod dead_letters;
+pub mod events;
+pub mod lease;
+pub mod shadows;
+
+use std::time::Duration;
+
+use bson::{doc, Bson};
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Client, Collection, Database, IndexModel};
+use serde::Deserialize;
+
+use crate::config::{in_range, ConfigError};
+use crate::ops::logging::redact_uri;
+
+/// How to reach MongoDB.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MongoConfig {
+    /// Connection string (a secret: never logged with its password).
+    pub uri: String,
+    /// The daemon's own database: events, shadows, checkpoints, leases, clients.
+    #[serde(default = "default_event_database")]
+    pub event_database: String,
+    /// Server selection and connect timeout, milliseconds.
+    #[serde(default = "default_timeout")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_event_database() -> String {
+    "eventsync".into()
+}
+fn default_timeout() -> u64 {
+    5000
+}
+
+impl MongoConfig {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.uri.starts_with("mongodb://") || self.uri.starts_with("mongodb+srv://")) {
+            return Err(ConfigError::invalid(
+                "mongodb.uri",
+                format!(
+                    "is {:?}; it must start with mongodb:// or mongodb+srv://",
+                    redact_uri(&self.uri)
+                ),
+            ));
+        }
+        valid_db_name("mongodb.event_database", &self.event_database)?;
+        in_range(
+            "mongodb.connect_timeout_ms",
+            self.connect_timeout_ms,
+            100,
+            120_000,
+        )?;
+        Ok(())
+    }
+
+    /// Connects (lazily: the driver connects on first use).
+    pub async fn connect(&self) -> Result<Client, mongodb::error::Error> {
+        let mut options = ClientOptions::parse(&self.uri).await?;
+        options.app_name = Some("eventsyncd".into());
+        options.server_selection_timeout = Some(Duration::from_millis(self.connect_timeout_ms));
+        options.connect_timeout = Some(Duration::from_millis(self.connect_timeout_ms));
+        Client::with_options(options)
+    }
+}
+
+pub(crate) fn valid_db_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.len() > 63 || name.contains(['/', '\\', '.', ' ', '"', '$', '\0']) {
+        return Err(ConfigError::invalid(
+            key,
+            format!("is {name:?}; a database name is 1–63 characters without / \\ . space \" $"),
+        ));
+    }
+    Ok(())
+}
+
+/// The daemon's own database.
+#[derive(Clone, Debug)]
+pub struct Store {
+    /// The client.
+    pub client: Client,
+    /// The daemon database.
+    pub db: Database,
+}
+
+/// Errors of the daemon's storage.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// MongoDB reported an error.
+    #[error("mongodb: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+    /// A stored record cannot be read.
+    #[error("corrupt {what} record {id}: {reason}")]
+    Corrupt {
+        /// Which collection.
+        what: &'static str,
+        /// Its id.
+        id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Another replica holds the lease now; this one must stop writing.
+    #[error("lease on stream {0} lost: another replica took over")]
+    Fenced(String),
+}
+
+impl StoreError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Mongo(_) => "mongodb",
+            StoreError::Corrupt { .. } => "corrupt_record",
+            StoreError::Fenced(_) => "fenced",
+        }
+    }
+}
+
+impl Store {
+    /// Opens the daemon database (no I/O).
+    pub fn new(client: Client, database: &str) -> Self {
+        let db = client.database(database);
+        Self { client, db }
+    }
+
+    /// The events collection.
+    pub fn events(&self) -> Collection<bson::Document> {
+        self.db.collection("events")
+    }
+    /// The shadows collection.
+    pub fn shadows(&self) -> Collection<bson::Document> {
+        self.db.collection("shadows")
+    }
+    /// The checkpoints collection.
+    pub fn checkpoints(&self) -> Collection<bson::Document> {
+        self.db.collection("checkpoints")
+    }
+    /// The leases collection.
+    pub fn leases(&self) -> Collection<bson::Document> {
+        self.db.collection("leases")
+    }
+    /// The sync clients collection.
+    pub fn clients(&self) -> Collection<bson::Document> {
+        self.db.collection("clients")
+    }
+    /// The snapshots collection (document states kept by compaction).
+    pub fn snapshots(&self) -> Collection<bson::Document> {
+        self.db.collection("snapshots")
+    }
+    /// The dead letters collection.
+    pub fn dead_letters(&self) -> Collection<bson::Document> {
+        self.db.collection("dead_letters")
+    }
+
+    /// Pings the server.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db.run_command(doc! { "ping": 1 }).await?;
+        Ok(())
+    }
+
+    /// Creates the indexes the invariants rest on (idempotent).
+    pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        let unique = || IndexOptions::builder().unique(true).build();
+        self.events()
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "ns": 1, "doc_key": 1, "to_version": 1 })
+                    .options(unique())
+                    .build(),
+            )
+            .await?;
+        self.events()
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "stream": 1, "seq": 1 })
+                    .options(unique())
+                    .build(),
+            )
+            .await?;
+        self.events()
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "origin": 1, "to_version": 1 })
+                    .build(),
+            )
+            .await?;
+        self.snapshots()
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "ns": 1, "doc_key": 1 })
+                    .options(unique())
+                    .build(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// The canonical key of a document id: its canonical Extended JSON text.
+pub fn doc_key(id: &Bson) -> String {
+    id.clone().into_canonical_extjson().to_string()
+}
+
+/// Reads an integer field stored as Int64 (or Int32/Double by another tool or server).
+pub fn get_int(d: &bson::Document, key: &str) -> Option<i64> {
+    match d.get(key)? {
+        Bson::Int64(v) => Some(*v),
+        Bson::Int32(v) => Some(i64::from(*v)),
+        Bson::Double(v) if v.fract() == 0.0 => Some(*v as i64),
+        _ => None,
+    }
+}

@@ -1,0 +1,151 @@
+//! Liveness and readiness, and the operations HTTP server.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+use super::metrics::{metrics, unix_now};
+
+/// What a stream is doing on this replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamRole {
+    /// Starting up.
+    Starting,
+    /// Another replica holds the lease; this one waits to take over.
+    StandingBy,
+    /// This replica consumes the stream.
+    Consuming,
+    /// The stream stopped with an error and is being restarted.
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct StreamHealth {
+    role: StreamRole,
+    /// Unix seconds of the last progress (change read or idle token stored).
+    last_progress: f64,
+    lag_seconds: f64,
+}
+
+/// Shared health state, updated by the streams and the MongoDB pinger.
+#[derive(Debug)]
+pub struct Health {
+    mongo_ok: AtomicBool,
+    streams: Mutex<BTreeMap<String, StreamHealth>>,
+    max_lag: f64,
+}
+
+impl Health {
+    /// A health state with the readiness lag bound.
+    pub fn new(max_lag: f64) -> Arc<Self> {
+        Arc::new(Self {
+            mongo_ok: AtomicBool::new(false),
+            streams: Mutex::new(BTreeMap::new()),
+            max_lag,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, StreamHealth>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records whether MongoDB answered the last ping.
+    pub fn set_mongo(&self, ok: bool) {
+        self.mongo_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// Records a stream's role.
+    pub fn set_role(&self, stream: &str, role: StreamRole) {
+        let mut s = self.lock();
+        let e = s.entry(stream.to_owned()).or_insert(StreamHealth {
+            role,
+            last_progress: unix_now(),
+            lag_seconds: 0.0,
+        });
+        e.role = role;
+        e.last_progress = unix_now();
+        if role != StreamRole::Consuming {
+            e.lag_seconds = 0.0;
+        }
+    }
+
+    /// Records progress of a consumed stream with its current lag.
+    pub fn progress(&self, stream: &str, lag_seconds: f64) {
+        if let Some(e) = self.lock().get_mut(stream) {
+            e.last_progress = unix_now();
+            e.lag_seconds = lag_seconds.max(0.0);
+        }
+    }
+
+    /// Ready: MongoDB reachable, every stream consuming or standing by, lag under bound.
+    pub fn readiness(&self) -> (bool, serde_json::Value) {
+        let mongo = self.mongo_ok.load(Ordering::Relaxed);
+        let streams = self.lock().clone();
+        let mut problems = Vec::new();
+        if !mongo {
+            problems.push("mongodb unreachable".to_owned());
+        }
+        for (name, s) in &streams {
+            match s.role {
+                StreamRole::Consuming if s.lag_seconds > self.max_lag => problems.push(format!(
+                    "stream {name} lags {:.1}s (bound {:.1}s)",
+                    s.lag_seconds, self.max_lag
+                )),
+                StreamRole::Consuming | StreamRole::StandingBy => {}
+                other => problems.push(format!("stream {name} is {other:?}")),
+            }
+        }
+        let ready = problems.is_empty();
+        (
+            ready,
+            serde_json::json!({ "ready": ready, "mongodb": mongo, "streams": streams, "problems": problems }),
+        )
+    }
+}
+
+async fn healthz() -> impl IntoResponse {
+    (StatusCode::OK, "ok\n")
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    let (ready, body) = health.readiness();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
+}
+
+async fn render_metrics() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics().render(),
+    )
+}
+
+/// The router of the operations port.
+pub fn router(health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(health)
+}
+
+/// Binds the operations port.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

@@ -1,0 +1,169 @@
+//! Prometheus metrics of the daemon, all named `eventsync_*` in base units.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Events appended to the log, by stream and operation.
+    pub events_appended: IntCounterVec,
+    /// Change events read from MongoDB, by stream.
+    pub changes_read: IntCounterVec,
+    /// Changes that produced no event (already covered by an earlier lookup, no-ops).
+    pub changes_skipped: IntCounterVec,
+    /// Now minus the cluster time of the last change read, seconds.
+    pub change_stream_lag: GaugeVec,
+    /// Now minus the wall time of the last change appended to the log, seconds.
+    pub replication_lag: GaugeVec,
+    /// Changes per processed batch.
+    pub batch_size: HistogramVec,
+    /// Time to diff one change.
+    pub diff_duration: HistogramVec,
+    /// Time to append one batch (events, shadows, checkpoint).
+    pub append_duration: HistogramVec,
+    /// Errors by component and kind.
+    pub errors: IntCounterVec,
+    /// Changes sent to the dead letter collection, by stream and reason.
+    pub dead_letters: IntCounterVec,
+    /// Full re-reads after the resume point was lost, by stream.
+    pub resyncs: IntCounterVec,
+    /// Stream lifecycle events (drop, rename, invalidate, reopen), by stream and kind.
+    pub stream_events: IntCounterVec,
+    /// 1 while this replica holds the stream's lease.
+    pub lease_held: IntGaugeVec,
+    /// Lease acquisitions (a fast-growing value means flapping), by stream.
+    pub lease_acquired: IntCounterVec,
+    /// Seconds since the stream's checkpoint was last stored.
+    pub checkpoint_age: GaugeVec,
+    /// Unix time of the last stored checkpoint, by stream.
+    pub checkpoint_timestamp: GaugeVec,
+    /// Sync API requests by route, method and status.
+    pub http_requests: IntCounterVec,
+    /// Sync API latency by route.
+    pub http_duration: HistogramVec,
+    /// Open live subscriptions.
+    pub live_subscribers: IntGauge,
+    /// Events compacted away.
+    pub compacted: IntCounterVec,
+    /// Build information (always 1).
+    pub build_info: IntGaugeVec,
+    /// Process start time.
+    pub start_time: Gauge,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+const SECONDS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+impl Metrics {
+    fn new() -> Self {
+        let r = Registry::new();
+        let secs = SECONDS.to_vec();
+        let m = Metrics {
+            events_appended: counter(&r, "eventsync_events_appended_total", "Events appended to the log.", &["stream", "operation"]),
+            changes_read: counter(&r, "eventsync_changes_read_total", "Change events read from MongoDB change streams.", &["stream"]),
+            changes_skipped: counter(&r, "eventsync_changes_skipped_total", "Changes that produced no event because an earlier lookup already covered them or they changed nothing.", &["stream"]),
+            change_stream_lag: gauge(&r, "eventsync_change_stream_lag_seconds", "Now minus the cluster time of the last change read.", &["stream"]),
+            replication_lag: gauge(&r, "eventsync_replication_lag_seconds", "Now minus the wall time of the last change whose event reached the log.", &["stream"]),
+            batch_size: histogram(&r, "eventsync_batch_size_changes", "Changes per processed batch.", &["stream"], vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0]),
+            diff_duration: histogram(&r, "eventsync_diff_duration_seconds", "Time to decode and diff one change.", &["stream"], secs.clone()),
+            append_duration: histogram(&r, "eventsync_append_duration_seconds", "Time to append one batch: events, shadows and checkpoint.", &["stream"], secs.clone()),
+            errors: counter(&r, "eventsync_errors_total", "Errors by component and kind.", &["component", "kind"]),
+            dead_letters: counter(&r, "eventsync_dead_letters_total", "Changes that could not become events and were recorded as dead letters.", &["stream", "reason"]),
+            resyncs: counter(&r, "eventsync_resyncs_total", "Full re-reads of a collection (initial sync or after the resume point was lost).", &["stream", "reason"]),
+            stream_events: counter(&r, "eventsync_stream_lifecycle_total", "Change stream lifecycle events: drop, rename, invalidate, reopen.", &["stream", "kind"]),
+            lease_held: {
+                let g = IntGaugeVec::new(Opts::new("eventsync_lease_held", "1 while this replica holds the stream's lease."), &["stream"]).expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            lease_acquired: counter(&r, "eventsync_lease_acquisitions_total", "Times this replica acquired a stream's lease.", &["stream"]),
+            checkpoint_age: gauge(&r, "eventsync_checkpoint_age_seconds", "Seconds since the stream's checkpoint was last stored.", &["stream"]),
+            checkpoint_timestamp: gauge(&r, "eventsync_checkpoint_timestamp_seconds", "Unix time at which the stream's checkpoint was last stored.", &["stream"]),
+            http_requests: counter(&r, "eventsync_http_requests_total", "Sync API requests by route, method and status.", &["route", "method", "status"]),
+            http_duration: histogram(&r, "eventsync_http_request_duration_seconds", "Sync API request latency.", &["route"], secs),
+            live_subscribers: {
+                let g = IntGauge::new("eventsync_live_subscribers", "Open live subscriptions.").expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            compacted: counter(&r, "eventsync_events_compacted_total", "Events removed by compaction.", &["stream"]),
+            build_info: {
+                let g = IntGaugeVec::new(Opts::new("eventsync_build_info", "Build information."), &["version"]).expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            start_time: {
+                let g = Gauge::new("eventsync_process_start_time_seconds", "Start time of the process since the Unix epoch.").expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            registry: r,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        m.start_time.set(unix_now());
+        m
+    }
+
+    /// Counts an error of a component.
+    pub fn error(&self, component: &str, kind: &str) {
+        self.errors.with_label_values(&[component, kind]).inc();
+    }
+
+    /// Renders the text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}

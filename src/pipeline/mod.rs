@@ -1,0 +1,129 @@
+//! The pipeline, one per watched collection, data flowing one way:
+//!
+//! ```text
+//! change stream ──▶ source (read, decode) ──bounded channel──▶ transform (shadow + diff)
+//!               ──▶ append (events, shadows, checkpoint) ──▶ publish (wake live readers)
+//! ```
+//!
+//! [`worker`] runs one stream while this replica holds its lease; [`resync`] re-reads a
+//! collection for the initial sync and after the resume point was lost; [`recovery`]
+//! finishes a batch a crash interrupted.
+
+pub mod append;
+pub mod publish;
+pub mod recovery;
+pub mod resync;
+pub mod source;
+pub mod transform;
+pub mod worker;
+
+use serde::Deserialize;
+
+use crate::config::{in_range, ConfigError};
+use crate::mongo::valid_db_name;
+
+/// One watched collection.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// The database.
+    pub database: String,
+    /// The collection.
+    pub collection: String,
+}
+
+impl StreamConfig {
+    /// The stream's name and namespace, `database.collection`.
+    pub fn name(&self) -> String {
+        format!("{}.{}", self.database, self.collection)
+    }
+
+    pub(crate) fn validate(&self, i: usize) -> Result<(), ConfigError> {
+        valid_db_name(&format!("streams[{i}].database"), &self.database)?;
+        if self.collection.is_empty()
+            || self.collection.contains(['$', '\0'])
+            || self.collection.starts_with("system.")
+        {
+            return Err(ConfigError::invalid(
+                format!("streams[{i}].collection"),
+                format!(
+                    "is {:?}; a collection name is non-empty, has no '$' and is not a system collection",
+                    self.collection
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Batching and memory bounds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Most changes appended in one batch.
+    pub batch_size: usize,
+    /// Capacity of the channel between reading and appending, in changes.
+    pub channel_capacity: usize,
+    /// Documents whose shadows are kept in memory (LRU); the rest are read from MongoDB.
+    pub shadow_cache_entries: usize,
+    /// A change whose event patch exceeds this many bytes goes to the dead letters.
+    pub max_event_bytes: usize,
+    /// `maxAwaitTimeMS` of the change stream: how long an idle read waits, milliseconds.
+    pub max_await_ms: u64,
+    /// How often an idle stream stores its post-batch resume token, milliseconds.
+    pub idle_checkpoint_ms: u64,
+    /// Delay before a failed stream is restarted, milliseconds (doubles up to 30 s).
+    pub restart_backoff_ms: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            channel_capacity: 1024,
+            shadow_cache_entries: 10_000,
+            max_event_bytes: 4 * 1024 * 1024,
+            max_await_ms: 500,
+            idle_checkpoint_ms: 1_000,
+            restart_backoff_ms: 200,
+        }
+    }
+}
+
+impl PipelineConfig {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        in_range("pipeline.batch_size", self.batch_size, 1, 10_000)?;
+        in_range(
+            "pipeline.channel_capacity",
+            self.channel_capacity,
+            1,
+            1_000_000,
+        )?;
+        in_range(
+            "pipeline.shadow_cache_entries",
+            self.shadow_cache_entries,
+            1,
+            100_000_000,
+        )?;
+        in_range(
+            "pipeline.max_event_bytes",
+            self.max_event_bytes,
+            1024,
+            15 * 1024 * 1024,
+        )?;
+        in_range("pipeline.max_await_ms", self.max_await_ms, 10, 60_000)?;
+        in_range(
+            "pipeline.idle_checkpoint_ms",
+            self.idle_checkpoint_ms,
+            10,
+            60_000,
+        )?;
+        in_range(
+            "pipeline.restart_backoff_ms",
+            self.restart_backoff_ms,
+            10,
+            60_000,
+        )?;
+        Ok(())
+    }
+}

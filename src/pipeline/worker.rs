@@ -1,0 +1,437 @@
+//! One stream on this replica: stand by until the lease is ours, then recover, (re)sync if
+//! needed, and run source → transform → append until shutdown, a lost lease or an error
+//! (after which it starts again from the checkpoint).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bson::{DateTime, Document};
+use mongodb::Collection;
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, info_span, warn, Instrument};
+
+use super::append::Appender;
+use super::publish::Publisher;
+use super::recovery::recover;
+use super::resync::resync;
+use super::source::{self, Item, SourceError};
+use super::transform::DocChange;
+use super::PipelineConfig;
+use crate::client::StampFields;
+use crate::mongo::change_stream::{self, is_history_lost, ChangeKind};
+use crate::mongo::checkpoints::Checkpoint;
+use crate::mongo::lease::LeaseConfig;
+use crate::mongo::{doc_key, Store, StoreError};
+use crate::ops::health::{Health, StreamRole};
+use crate::ops::metrics;
+
+/// Why a stream run ended.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The change stream failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// Opening the change stream failed.
+    #[error("cannot open change stream: {0}")]
+    Open(mongodb::error::Error),
+    /// The lease could not be renewed; another replica may consume now.
+    #[error("lease lost")]
+    LeaseLost,
+    /// The collection was dropped, renamed or the stream invalidated; re-open and re-read.
+    #[error("stream must be re-opened after {0}")]
+    Reopen(String),
+    /// The source task ended unexpectedly.
+    #[error("change stream reader stopped")]
+    ReaderStopped,
+}
+
+impl WorkerError {
+    fn kind(&self) -> &'static str {
+        match self {
+            WorkerError::Store(e) => e.kind(),
+            WorkerError::Source(SourceError::HistoryLost(_)) => "history_lost",
+            WorkerError::Source(SourceError::Mongo(_)) => "change_stream",
+            WorkerError::Open(_) => "open",
+            WorkerError::LeaseLost => "lease_lost",
+            WorkerError::Reopen(_) => "reopen",
+            WorkerError::ReaderStopped => "reader_stopped",
+        }
+    }
+}
+
+/// Everything a stream needs.
+#[derive(Clone)]
+pub struct StreamWorker {
+    /// `db.collection`.
+    pub name: String,
+    /// The watched collection.
+    pub source: Collection<Document>,
+    /// The daemon database.
+    pub store: Store,
+    /// Stamp field names.
+    pub fields: StampFields,
+    /// Pipeline bounds.
+    pub pipeline: PipelineConfig,
+    /// Lease timing.
+    pub lease: LeaseConfig,
+    /// This replica's id.
+    pub holder: String,
+    /// Wakes live readers.
+    pub publisher: Publisher,
+    /// Health state.
+    pub health: Arc<Health>,
+}
+
+async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = shutdown.changed() => {}
+    }
+}
+
+impl StreamWorker {
+    /// Runs until `shutdown` turns true; then stores the checkpoint and releases the lease.
+    pub async fn supervise(self, mut shutdown: watch::Receiver<bool>) {
+        let span = info_span!("stream", stream = %self.name);
+        async move {
+            let m = metrics();
+            let base = Duration::from_millis(self.pipeline.restart_backoff_ms);
+            let mut backoff = base;
+            self.health.set_role(&self.name, StreamRole::Starting);
+            while !*shutdown.borrow() {
+                match self.store.acquire_lease(&self.name, &self.holder, self.lease.ttl()).await {
+                    Ok(Some(held)) => {
+                        info!(epoch = held.epoch, holder = %self.holder, "lease acquired; consuming");
+                        m.lease_held.with_label_values(&[&self.name]).set(1);
+                        m.lease_acquired.with_label_values(&[&self.name]).inc();
+                        self.health.set_role(&self.name, StreamRole::Consuming);
+                        let result = self.run_owned(held.epoch, &mut shutdown).await;
+                        m.lease_held.with_label_values(&[&self.name]).set(0);
+                        match result {
+                            Ok(()) => break,
+                            Err(WorkerError::Reopen(why)) => {
+                                warn!(%why, "re-opening the stream and re-reading the collection");
+                                backoff = base;
+                            }
+                            Err(e) => {
+                                m.error("stream", e.kind());
+                                error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "stream stopped; restarting from the checkpoint");
+                                self.health.set_role(&self.name, StreamRole::Failed);
+                                sleep_or_shutdown(backoff, &mut shutdown).await;
+                                backoff = (backoff * 2).min(Duration::from_secs(30));
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        self.health.set_role(&self.name, StreamRole::StandingBy);
+                        sleep_or_shutdown(self.lease.renew(), &mut shutdown).await;
+                    }
+                    Err(e) => {
+                        m.error("lease", e.kind());
+                        warn!(error = %e, "cannot reach the lease");
+                        self.health.set_role(&self.name, StreamRole::Failed);
+                        sleep_or_shutdown(backoff, &mut shutdown).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+            if let Err(e) = self.store.release_lease(&self.name, &self.holder).await {
+                warn!(error = %e, "could not release the lease; it expires on its own");
+            }
+            info!("stream stopped");
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// One run while holding the lease with `epoch`.
+    async fn run_owned(
+        &self,
+        epoch: i64,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), WorkerError> {
+        let m = metrics();
+        let stored = self
+            .store
+            .load_checkpoint(&self.name)
+            .await?
+            .unwrap_or(Checkpoint {
+                token: None,
+                seq: 0,
+                resync_pending: false,
+                updated_at: DateTime::now(),
+            });
+        let cp = recover(&self.store, &self.name, epoch, &self.fields, stored).await?;
+        let mut appender = Appender::new(
+            self.store.clone(),
+            self.name.clone(),
+            epoch,
+            self.fields.clone(),
+            &self.pipeline,
+            self.publisher.clone(),
+            cp.clone(),
+        );
+        let max_await = Duration::from_millis(self.pipeline.max_await_ms);
+        let batch = self.pipeline.batch_size as u32;
+        let (stream, reason) = match &cp.token {
+            Some(token) => {
+                match change_stream::open(&self.source, Some(token), batch, max_await).await {
+                    Ok(s) => (s, cp.resync_pending.then_some("interrupted")),
+                    Err(e) if is_history_lost(&e) => {
+                        warn!(error = %e, "resume point no longer in the oplog; re-reading the collection");
+                        let s = change_stream::open(&self.source, None, batch, max_await)
+                            .await
+                            .map_err(WorkerError::Open)?;
+                        (s, Some("history_lost"))
+                    }
+                    Err(e) => return Err(WorkerError::Open(e)),
+                }
+            }
+            None => {
+                let s = change_stream::open(&self.source, None, batch, max_await)
+                    .await
+                    .map_err(WorkerError::Open)?;
+                (s, Some("initial"))
+            }
+        };
+        if let Some(reason) = reason {
+            m.resyncs.with_label_values(&[&self.name, reason]).inc();
+            let start = change_stream::current_token(&stream);
+            info!(reason, "re-reading the collection before going live");
+            appender.process(&[], start.clone(), true).await?;
+            resync(
+                &mut appender,
+                &self.source,
+                &self.fields,
+                start,
+                self.pipeline.batch_size,
+            )
+            .await?;
+        }
+
+        let (tx, mut rx) = mpsc::channel(self.pipeline.channel_capacity);
+        let reader = tokio::spawn(source::run(
+            self.name.clone(),
+            stream,
+            tx,
+            Duration::from_millis(self.pipeline.idle_checkpoint_ms),
+        ));
+        let _reader_guard = AbortOnDrop(reader);
+        let (lost_tx, mut lost_rx) = watch::channel(false);
+        let renewer = tokio::spawn(renew_lease(
+            self.store.clone(),
+            self.name.clone(),
+            self.holder.clone(),
+            self.lease.clone(),
+            epoch,
+            lost_tx,
+        ));
+        let _renew_guard = AbortOnDrop(renewer);
+
+        let mut items = Vec::with_capacity(self.pipeline.batch_size);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        info!(seq = appender.checkpoint.seq, "shutting down: checkpoint stored");
+                        return Ok(());
+                    }
+                }
+                _ = lost_rx.changed() => return Err(WorkerError::LeaseLost),
+                n = rx.recv_many(&mut items, self.pipeline.batch_size) => {
+                    if n == 0 {
+                        return Err(WorkerError::ReaderStopped);
+                    }
+                    let drained: Vec<Item> = std::mem::take(&mut items);
+                    self.handle(&mut appender, drained).await?;
+                    let age = (DateTime::now().timestamp_millis() - appender.checkpoint.updated_at.timestamp_millis()) as f64 / 1000.0;
+                    m.checkpoint_age.with_label_values(&[&self.name]).set(age.max(0.0));
+                }
+            }
+        }
+    }
+
+    /// Turns source items into one appended batch (plus dead letters and lifecycle events).
+    async fn handle(&self, appender: &mut Appender, items: Vec<Item>) -> Result<(), WorkerError> {
+        let m = metrics();
+        let mut changes: Vec<DocChange> = Vec::with_capacity(items.len());
+        let mut token: Option<Document> = None;
+        let mut lag = None;
+        let mut failure = None;
+        let mut reopen = None;
+        for item in items {
+            match item {
+                Item::Change(c) => {
+                    if let Some(ct) = c.cluster_time {
+                        let now = DateTime::now().timestamp_millis() as f64 / 1000.0;
+                        lag = Some((now - f64::from(ct.time)).max(0.0));
+                    }
+                    token = Some(c.token.clone());
+                    match c.kind {
+                        ChangeKind::Insert
+                        | ChangeKind::Update
+                        | ChangeKind::Replace
+                        | ChangeKind::Delete => {
+                            let Some(id) = c.doc_id.clone() else {
+                                self.dead(
+                                    Some(&c.token),
+                                    None,
+                                    "no_document_key",
+                                    "change without documentKey._id",
+                                )
+                                .await?;
+                                continue;
+                            };
+                            let full = match c.full_document {
+                                Ok(d) => d,
+                                Err(reason) => {
+                                    self.dead(Some(&c.token), Some(&id), "undecodable", &reason)
+                                        .await?;
+                                    continue;
+                                }
+                            };
+                            let delete = c.kind == ChangeKind::Delete;
+                            changes.push(DocChange {
+                                doc_key: doc_key(&id),
+                                doc_id: id,
+                                full_document: if delete { None } else { full },
+                                delete,
+                                replace: c.kind == ChangeKind::Replace,
+                                token: Some(c.token),
+                                cluster_time: c.cluster_time,
+                                wall_time: c.wall_time,
+                            });
+                        }
+                        ChangeKind::Drop
+                        | ChangeKind::Rename
+                        | ChangeKind::DropDatabase
+                        | ChangeKind::Invalidate => {
+                            let kind = format!("{:?}", c.kind).to_lowercase();
+                            m.stream_events
+                                .with_label_values(&[&self.name, &kind])
+                                .inc();
+                            warn!(event = %kind, "collection lifecycle event");
+                            reopen = Some(kind);
+                            break;
+                        }
+                        ChangeKind::Other(op) => {
+                            m.stream_events
+                                .with_label_values(&[&self.name, "other"])
+                                .inc();
+                            info!(operation = %op, "ignoring change event without document data");
+                        }
+                    }
+                }
+                Item::Undecodable { reason, token: t } => {
+                    self.dead(t.as_ref(), None, "undecodable_event", &reason)
+                        .await?;
+                    if t.is_some() {
+                        token = t;
+                    }
+                }
+                Item::Idle(t) => {
+                    token = Some(t);
+                    lag = Some(0.0);
+                }
+                Item::Failed(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if !changes.is_empty() || token.is_some() {
+            let stale = token.is_some() && token == appender.checkpoint.token && changes.is_empty();
+            if !stale {
+                appender.process(&changes, token, false).await?;
+            }
+        }
+        if let Some(lag) = lag {
+            m.change_stream_lag
+                .with_label_values(&[&self.name])
+                .set(lag);
+            self.health.progress(&self.name, lag);
+        }
+        if let Some(kind) = reopen {
+            // Re-read on the next run: the collection's documents may all be gone.
+            let cp = Checkpoint {
+                token: None,
+                seq: appender.checkpoint.seq,
+                resync_pending: true,
+                updated_at: DateTime::now(),
+            };
+            self.store
+                .save_checkpoint(&self.name, appender_epoch(appender), &cp)
+                .await?;
+            return Err(WorkerError::Reopen(kind));
+        }
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    async fn dead(
+        &self,
+        token: Option<&Document>,
+        id: Option<&bson::Bson>,
+        reason: &'static str,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        warn!(reason, %detail, "change dead-lettered");
+        metrics()
+            .dead_letters
+            .with_label_values(&[&self.name, reason])
+            .inc();
+        self.store
+            .dead_letter(&self.name, id, token, reason, detail)
+            .await
+    }
+}
+
+fn appender_epoch(a: &Appender) -> i64 {
+    a.epoch()
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Renews the lease; reports loss when a renewal fails to keep it or errors outlast the TTL.
+async fn renew_lease(
+    store: Store,
+    stream: String,
+    holder: String,
+    lease: LeaseConfig,
+    epoch: i64,
+    lost: watch::Sender<bool>,
+) {
+    let mut last_ok = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(lease.renew()).await;
+        match store.acquire_lease(&stream, &holder, lease.ttl()).await {
+            Ok(Some(held)) if held.epoch == epoch => last_ok = tokio::time::Instant::now(),
+            Ok(_) => {
+                warn!(%stream, "lease taken by another replica");
+                let _ = lost.send(true);
+                return;
+            }
+            Err(e) => {
+                metrics().error("lease", e.kind());
+                // Stop before the lease can lapse and another replica starts.
+                if last_ok.elapsed() + lease.renew() >= lease.ttl() {
+                    warn!(%stream, error = %e, "cannot renew the lease; stopping before it expires");
+                    let _ = lost.send(true);
+                    return;
+                }
+            }
+        }
+    }
+}

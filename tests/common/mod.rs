@@ -1,0 +1,392 @@
+//! Shared test support: the MongoDB server address, unique databases, running
+//! `eventsyncd` as a real process, and reading back and checking the log.
+//!
+//! Every integration test talks to the server named by `EVENTSYNC_TEST_MONGODB_URI`
+//! (started by `scripts/testenv/start.sh`, or a real `mongod --replSet`).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bson::{doc, Bson, Document};
+use eventsync::diff;
+use eventsync::mongo::events::{EventRecord, Operation};
+use futures_util::TryStreamExt;
+
+/// The environment variable naming the test server.
+pub const URI_VAR: &str = "EVENTSYNC_TEST_MONGODB_URI";
+
+/// The test server's URI.
+pub fn mongo_uri() -> String {
+    std::env::var(URI_VAR).unwrap_or_else(|_| {
+        panic!(
+            "{URI_VAR} is not set: run `scripts/test.sh`, or `eval \"$(scripts/testenv/start.sh)\"` \
+             first, or point it at a real `mongod --replSet`"
+        )
+    })
+}
+
+/// A database name no other test uses.
+pub fn unique_db(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}_{}_{}_{:x}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        nanos & 0xffff
+    )
+}
+
+/// A driver client for the test server.
+pub async fn client() -> mongodb::Client {
+    client_for(&mongo_uri()).await
+}
+
+/// A driver client for a given URI.
+pub async fn client_for(uri: &str) -> mongodb::Client {
+    let mut opts = mongodb::options::ClientOptions::parse(uri)
+        .await
+        .expect("valid URI");
+    opts.server_selection_timeout = Some(Duration::from_secs(10));
+    mongodb::Client::with_options(opts).expect("client")
+}
+
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How to run one daemon process.
+#[derive(Clone, Debug)]
+pub struct DaemonSpec {
+    /// MongoDB URI.
+    pub uri: String,
+    /// The daemon database.
+    pub event_db: String,
+    /// Watched `(database, collection)` pairs.
+    pub streams: Vec<(String, String)>,
+    /// Lease TTL and renewal, milliseconds.
+    pub lease_ttl_ms: u64,
+    /// Lease renewal, milliseconds.
+    pub lease_renew_ms: u64,
+    /// Holder id.
+    pub holder: String,
+    /// Bearer tokens for the sync port.
+    pub tokens: Vec<String>,
+    /// Extra TOML appended to the file (e.g. a `[pipeline]` table).
+    pub extra: String,
+    /// Extra `[pipeline]` keys.
+    pub pipeline: String,
+}
+
+impl DaemonSpec {
+    /// A daemon watching `db.coll` with its log in `event_db`.
+    pub fn new(event_db: &str, db: &str, coll: &str) -> Self {
+        Self {
+            uri: mongo_uri(),
+            event_db: event_db.to_owned(),
+            streams: vec![(db.to_owned(), coll.to_owned())],
+            lease_ttl_ms: 3000,
+            lease_renew_ms: 500,
+            holder: "test-daemon".into(),
+            tokens: vec![],
+            extra: String::new(),
+            pipeline: String::new(),
+        }
+    }
+}
+
+/// A running `eventsyncd` process.
+pub struct Daemon {
+    /// The child process.
+    pub child: Child,
+    /// The sync port.
+    pub sync_port: u16,
+    /// The operations port.
+    pub ops_port: u16,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+fn toml_str(s: &str) -> String {
+    format!("{s:?}")
+}
+
+impl Daemon {
+    /// Writes a config for `spec` and starts the daemon binary.
+    pub fn start(spec: &DaemonSpec) -> Daemon {
+        let sync_port = free_port();
+        let ops_port = free_port();
+        let dir = std::env::temp_dir().join(format!("eventsync-test-{}", unique_db("d")));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let config = dir.join("config.toml");
+        let log = dir.join("daemon.log");
+        let mut text = format!(
+            "[mongodb]\nuri = {}\nevent_database = {}\n\n",
+            toml_str(&spec.uri),
+            toml_str(&spec.event_db)
+        );
+        for (db, coll) in &spec.streams {
+            text += &format!(
+                "[[streams]]\ndatabase = {}\ncollection = {}\n\n",
+                toml_str(db),
+                toml_str(coll)
+            );
+        }
+        text += &format!(
+            "[pipeline]\nmax_await_ms = 100\nidle_checkpoint_ms = 200\nrestart_backoff_ms = 100\n{}\n\n",
+            spec.pipeline
+        );
+        text += &format!(
+            "[lease]\nttl_ms = {}\nrenew_ms = {}\nholder_id = {}\n\n",
+            spec.lease_ttl_ms,
+            spec.lease_renew_ms,
+            toml_str(&spec.holder)
+        );
+        let tokens: Vec<String> = spec.tokens.iter().map(|t| toml_str(t)).collect();
+        text += &format!(
+            "[sync]\nlisten = \"127.0.0.1:{sync_port}\"\ntokens = [{}]\ntail_poll_ms = 50\n\n[ops]\nlisten = \"127.0.0.1:{ops_port}\"\nping_interval_ms = 200\n\n[log]\nlevel = \"info,eventsync=debug\"\n\n",
+            tokens.join(", ")
+        );
+        text += &spec.extra;
+        std::fs::File::create(&config)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .expect("write config");
+        let logfile = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_eventsyncd"))
+            .arg("--config")
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(logfile)
+            .spawn()
+            .expect("start eventsyncd");
+        Daemon {
+            child,
+            sync_port,
+            ops_port,
+            config,
+            log,
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Base URL of the sync port.
+    pub fn sync_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.sync_port)
+    }
+
+    /// Base URL of the operations port.
+    pub fn ops_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ops_port)
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// `kill -9`, and reap.
+    pub fn kill9(&mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.signal("TERM");
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Whether the process still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.running() {
+            self.kill9();
+        }
+    }
+}
+
+/// All events of a stream, by position.
+pub async fn read_log(client: &mongodb::Client, event_db: &str, stream: &str) -> Vec<EventRecord> {
+    let docs: Vec<Document> = client
+        .database(event_db)
+        .collection::<Document>("events")
+        .find(doc! { "stream": stream })
+        .sort(doc! { "seq": 1 })
+        .await
+        .expect("find events")
+        .try_collect()
+        .await
+        .expect("read events");
+    docs.iter()
+        .map(|d| EventRecord::from_document(d).expect("event decodes"))
+        .collect()
+}
+
+/// All documents of a collection, by canonical id key.
+pub async fn read_collection(coll: &mongodb::Collection<Document>) -> BTreeMap<String, Document> {
+    let docs: Vec<Document> = coll
+        .find(doc! {})
+        .await
+        .expect("find")
+        .try_collect()
+        .await
+        .expect("read");
+    docs.into_iter()
+        .map(|d| {
+            (
+                eventsync::mongo::doc_key(d.get("_id").unwrap_or(&Bson::Null)),
+                d,
+            )
+        })
+        .collect()
+}
+
+/// Checks the log invariants and returns the replayed state of every live document:
+/// dense positions from 1, per-document gap-free chains, patches that apply.
+pub fn replay(events: &[EventRecord]) -> BTreeMap<String, Document> {
+    let mut state: BTreeMap<String, (i64, Option<Document>)> = BTreeMap::new();
+    for (i, ev) in events.iter().enumerate() {
+        assert_eq!(
+            ev.seq,
+            i as i64 + 1,
+            "positions must be dense from 1: {ev:?}"
+        );
+        let (version, doc) = state.entry(ev.doc_key.clone()).or_insert((0, None));
+        assert_eq!(
+            ev.from_version, *version,
+            "gap or overlap in the chain of {}: at {} but event covers ({}, {}]",
+            ev.doc_key, version, ev.from_version, ev.to_version
+        );
+        assert!(ev.to_version > ev.from_version, "empty step {ev:?}");
+        *version = ev.to_version;
+        if ev.op == Operation::Delete {
+            assert!(doc.is_some(), "delete of a document not alive: {ev:?}");
+            *doc = None;
+        } else {
+            let patch: diff::Patch = serde_json::from_str(&ev.patch).expect("patch JSON");
+            let base = doc.take().unwrap_or_default();
+            if ev.op == Operation::Insert {
+                assert!(base.is_empty(), "insert over a live document: {ev:?}");
+            }
+            *doc = Some(diff::apply(&base, &patch).expect("patch applies"));
+        }
+    }
+    state
+        .into_iter()
+        .filter_map(|(k, (_, d))| d.map(|d| (k, d)))
+        .collect()
+}
+
+/// Bytes of a document, for exact (type- and order-preserving) comparison.
+pub fn bytes(d: &Document) -> Vec<u8> {
+    let mut v = Vec::new();
+    d.to_writer(&mut v).expect("serialisable");
+    v
+}
+
+/// Asserts the replayed log equals the collection exactly, BSON types and key order included.
+pub fn assert_replay_matches(
+    replayed: &BTreeMap<String, Document>,
+    actual: &BTreeMap<String, Document>,
+) {
+    let missing: Vec<_> = actual
+        .keys()
+        .filter(|k| !replayed.contains_key(*k))
+        .collect();
+    let extra: Vec<_> = replayed
+        .keys()
+        .filter(|k| !actual.contains_key(*k))
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "log lacks {missing:?}, log has deleted {extra:?}"
+    );
+    for (k, doc) in actual {
+        let r = &replayed[k];
+        assert_eq!(
+            bytes(r),
+            bytes(doc),
+            "document {k} differs:\n log:   {r}\n mongo: {doc}"
+        );
+    }
+}
+
+/// Waits until the log replays to exactly the collection's state.
+pub async fn wait_converged(
+    client: &mongodb::Client,
+    event_db: &str,
+    coll: &mongodb::Collection<Document>,
+    timeout: Duration,
+) -> Vec<EventRecord> {
+    let stream = format!("{}.{}", coll.namespace().db, coll.namespace().coll);
+    let start = Instant::now();
+    loop {
+        let events = read_log(client, event_db, &stream).await;
+        let actual = read_collection(coll).await;
+        let replayed = replay(&events);
+        let same = replayed.len() == actual.len()
+            && actual
+                .iter()
+                .all(|(k, d)| replayed.get(k).is_some_and(|r| bytes(r) == bytes(d)));
+        if same {
+            return events;
+        }
+        if start.elapsed() > timeout {
+            assert_replay_matches(&replayed, &actual);
+            panic!("not converged");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
