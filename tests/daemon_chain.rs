@@ -5,79 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
+use bson::{doc, Document};
 use common::*;
-use eventsync::client::{ClientOptions, SyncCollection};
-use rand::{Rng, SeedableRng};
-
-async fn mixed_load(coll: mongodb::Collection<Document>, writer: usize, ops: usize, docs: i32) {
-    let client = SyncCollection::<Document>::new(
-        coll.clone(),
-        ClientOptions::new(format!("writer-{writer}")).max_retries(200),
-    )
-    .expect("client");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(writer as u64);
-    for i in 0..ops {
-        let id = rng.gen_range(0..docs);
-        match rng.gen_range(0..10) {
-            0..=1 => {
-                let d = doc! {
-                    "_id": id, "n": 0_i32, "big": 5_000_000_000_i64, "f": 1.5,
-                    "when": DateTime::from_millis(1_700_000_000_000 + i as i64),
-                    "ref": ObjectId::new(), "tags": ["a", "b"], "nested": { "k": "v", "a.b": 1 }
-                };
-                let _ = client.find_one_and_upsert(d).await;
-            }
-            2..=5 => {
-                let r = client
-                    .find_one_and_update(id, |d| {
-                        let n = d.get_i32("n").unwrap_or(0);
-                        d.insert("n", n + 1);
-                        d.insert("w", format!("writer-{writer}-{i}"));
-                        if n % 3 == 0 {
-                            d.remove("f");
-                        } else {
-                            d.insert("f", n as f64 / 2.0);
-                        }
-                    })
-                    .await;
-                if let Err(e) = r {
-                    assert!(
-                        matches!(
-                            e,
-                            eventsync::client::ClientError::NotFound { .. }
-                                | eventsync::client::ClientError::Unversioned { .. }
-                        ),
-                        "{e}"
-                    );
-                }
-            }
-            6 => {
-                let _ = client
-                    .update_one(id, doc! { "$inc": { "n": 10 }, "$set": { "op": "inc" } })
-                    .await;
-            }
-            7 => {
-                let _ = client.delete_one(id, None).await;
-            }
-            8 => {
-                // An unstamped writer (another service): no version bump, no origin.
-                let _ = coll
-                    .update_one(doc! { "_id": id }, doc! { "$set": { "raw": i as i64 } })
-                    .await;
-            }
-            _ => {
-                // An unstamped replace.
-                let _ = coll
-                    .replace_one(
-                        doc! { "_id": id },
-                        doc! { "raw_replace": true, "list": [1, 2, Bson::Null] },
-                    )
-                    .await;
-            }
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mixed_load_yields_gap_free_chains_that_replay_exactly() {

@@ -74,8 +74,10 @@ pub struct Held {
     pub epoch: i64,
 }
 
-fn add_ms(t: DateTime, ms: u64) -> DateTime {
-    DateTime::from_millis(t.timestamp_millis().saturating_add(ms as i64))
+// Times are stored as Unix milliseconds (Int64): compared by the server in filters, and
+// kept exactly by any server or tool.
+fn now_ms() -> i64 {
+    DateTime::now().timestamp_millis()
 }
 
 impl Store {
@@ -86,14 +88,14 @@ impl Store {
         holder: &str,
         ttl: Duration,
     ) -> Result<Option<Held>, StoreError> {
-        let now = DateTime::now();
-        let expires = add_ms(now, ttl.as_millis() as u64);
+        let now = now_ms();
+        let expires = now.saturating_add(ttl.as_millis() as i64);
         let leases = self.leases();
         // Renewal by the current holder keeps the epoch.
         let renewed = leases
             .find_one_and_update(
-                doc! { "_id": stream, "holder": holder, "expires_at": { "$gt": now } },
-                doc! { "$set": { "expires_at": expires } },
+                doc! { "_id": stream, "holder": holder, "expires_at_ms": { "$gt": now } },
+                doc! { "$set": { "expires_at_ms": expires } },
             )
             .return_document(mongodb::options::ReturnDocument::After)
             .await?;
@@ -105,8 +107,8 @@ impl Store {
         // Take over an expired lease (or our own expired one): a new epoch.
         let taken = leases
             .find_one_and_update(
-                doc! { "_id": stream, "expires_at": { "$lte": now } },
-                doc! { "$set": { "holder": holder, "expires_at": expires, "acquired_at": now }, "$inc": { "epoch": 1_i64 } },
+                doc! { "_id": stream, "expires_at_ms": { "$lte": now } },
+                doc! { "$set": { "holder": holder, "expires_at_ms": expires, "acquired_at_ms": now }, "$inc": { "epoch": 1_i64 } },
             )
             .return_document(mongodb::options::ReturnDocument::After)
             .await?;
@@ -117,7 +119,7 @@ impl Store {
         }
         // No lease yet: create it; a concurrent creator wins the unique _id.
         match leases
-            .insert_one(doc! { "_id": stream, "holder": holder, "expires_at": expires, "acquired_at": now, "epoch": 1_i64 })
+            .insert_one(doc! { "_id": stream, "holder": holder, "expires_at_ms": expires, "acquired_at_ms": now, "epoch": 1_i64 })
             .await
         {
             Ok(_) => Ok(Some(Held { epoch: 1 })),
@@ -131,7 +133,7 @@ impl Store {
         self.leases()
             .update_one(
                 doc! { "_id": stream, "holder": holder },
-                doc! { "$set": { "expires_at": DateTime::from_millis(0) } },
+                doc! { "$set": { "expires_at_ms": now_ms() - 1 } },
             )
             .await?;
         Ok(())
@@ -139,10 +141,10 @@ impl Store {
 
     /// The current holder of a stream's lease, if unexpired.
     pub async fn lease_holder(&self, stream: &str) -> Result<Option<String>, StoreError> {
-        let now = DateTime::now();
+        let now = now_ms();
         let d = self
             .leases()
-            .find_one(doc! { "_id": stream, "expires_at": { "$gt": now } })
+            .find_one(doc! { "_id": stream, "expires_at_ms": { "$gt": now } })
             .await?;
         Ok(d.and_then(|d| d.get_str("holder").ok().map(str::to_owned)))
     }

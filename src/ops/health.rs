@@ -63,19 +63,27 @@ impl Health {
         self.mongo_ok.store(ok, Ordering::Relaxed);
     }
 
-    /// Records a stream's role.
+    /// Records a stream's role; also sets `eventsync_lease_held` (1 only while consuming),
+    /// so a replica standing by reports 0 rather than nothing.
     pub fn set_role(&self, stream: &str, role: StreamRole) {
+        let m = metrics();
         let mut s = self.lock();
-        let e = s.entry(stream.to_owned()).or_insert(StreamHealth {
-            role,
-            last_progress: unix_now(),
-            lag_seconds: 0.0,
+        let e = s.entry(stream.to_owned()).or_insert_with(|| {
+            m.init_stream(stream);
+            StreamHealth {
+                role,
+                last_progress: unix_now(),
+                lag_seconds: 0.0,
+            }
         });
         e.role = role;
         e.last_progress = unix_now();
         if role != StreamRole::Consuming {
             e.lag_seconds = 0.0;
         }
+        m.lease_held
+            .with_label_values(&[stream])
+            .set(i64::from(role == StreamRole::Consuming));
     }
 
     /// Records progress of a consumed stream with its current lag.

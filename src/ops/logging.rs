@@ -57,16 +57,57 @@ impl LogConfig {
     }
 }
 
-/// A MongoDB URI with any password replaced, for logs and errors.
+/// A MongoDB URI with its secrets replaced by `***`, for logs and errors: the password
+/// of the user info, and the values of query options that can carry secrets
+/// (`tlsCertificateKeyFilePassword`, `authMechanismProperties`, …).
+///
+/// Errs on the side of hiding: the user info ends at the *last* `@`, so a password with an
+/// unencoded `@`, `/` or `?` is hidden whole.
 pub fn redact_uri(uri: &str) -> String {
-    match (uri.find("://"), uri.find('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &uri[scheme + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}{}:***{}", &uri[..scheme + 3], user, &uri[at..])
+    let start = uri.find("://").map_or(0, |i| i + 3);
+    let (scheme, rest) = uri.split_at(start);
+    let (userinfo, hosts_and_options) = match rest.rfind('@') {
+        Some(at) => {
+            let creds = &rest[..at];
+            let shown = match creds.split_once(':') {
+                Some((user, _password)) => format!("{user}:***@"),
+                None => format!("{creds}@"),
+            };
+            (shown, &rest[at + 1..])
         }
-        _ => uri.to_owned(),
+        None => (String::new(), rest),
+    };
+    let (hosts, options) = match hosts_and_options.split_once('?') {
+        Some((h, o)) => (h, Some(o)),
+        None => (hosts_and_options, None),
+    };
+    let mut out = format!("{scheme}{userinfo}{hosts}");
+    if let Some(options) = options {
+        out.push('?');
+        let mut first = true;
+        for pair in options.split(['&', ';']) {
+            if !first {
+                out.push('&');
+            }
+            first = false;
+            match pair.split_once('=') {
+                Some((key, _value)) if is_secret_option(key) => {
+                    out.push_str(key);
+                    out.push_str("=***");
+                }
+                _ => out.push_str(pair),
+            }
+        }
     }
+    out
+}
+
+fn is_secret_option(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password")
+        || k.contains("secret")
+        || k.contains("token")
+        || k == "authmechanismproperties"
 }
 
 #[cfg(test)]
@@ -80,5 +121,39 @@ mod tests {
             "mongodb://app:***@db:27017/?tls=true"
         );
         assert_eq!(redact_uri("mongodb://db:27017"), "mongodb://db:27017");
+        assert_eq!(
+            redact_uri("mongodb://db:27017/?replicaSet=rs0&w=majority"),
+            "mongodb://db:27017/?replicaSet=rs0&w=majority"
+        );
+    }
+
+    #[test]
+    fn awkward_passwords_and_secret_options_are_hidden() {
+        for (uri, secret) in [
+            ("mongodb://app:p@ss@db/x", "p@ss"),
+            ("mongodb://app:pa/ss?w@db:1,db2:2/x?authSource=admin", "pa/ss"),
+            ("mongodb+srv://app:s3cret@cluster.example.com/", "s3cret"),
+            ("app:s3cret@db:27017", "s3cret"),
+            (
+                "mongodb://db/?tls=true&tlsCertificateKeyFilePassword=s3cret",
+                "s3cret",
+            ),
+            (
+                "mongodb://db/?authMechanism=MONGODB-AWS&authMechanismProperties=AWS_SESSION_TOKEN:s3cret",
+                "s3cret",
+            ),
+        ] {
+            let shown = redact_uri(uri);
+            assert!(!shown.contains(secret), "{uri} -> {shown}");
+            assert!(shown.contains("***"), "{uri} -> {shown}");
+        }
+        assert_eq!(
+            redact_uri("mongodb://app:pw@db1:1,db2:2/?replicaSet=rs0&tlsCertificateKeyFilePassword=x"),
+            "mongodb://app:***@db1:1,db2:2/?replicaSet=rs0&tlsCertificateKeyFilePassword=***"
+        );
+        assert_eq!(
+            redact_uri("mongodb://x509user@db/"),
+            "mongodb://x509user@db/"
+        );
     }
 }

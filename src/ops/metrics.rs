@@ -2,6 +2,7 @@
 
 use std::sync::OnceLock;
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
@@ -35,11 +36,14 @@ pub struct Metrics {
     pub resyncs: IntCounterVec,
     /// Stream lifecycle events (drop, rename, invalidate, reopen), by stream and kind.
     pub stream_events: IntCounterVec,
-    /// 1 while this replica holds the stream's lease.
+    /// 1 while this replica holds the stream's lease and consumes it, 0 otherwise
+    /// (standing by, starting, failed); set by [`crate::ops::Health::set_role`] too.
     pub lease_held: IntGaugeVec,
     /// Lease acquisitions (a fast-growing value means flapping), by stream.
     pub lease_acquired: IntCounterVec,
-    /// Seconds since the stream's checkpoint was last stored.
+    /// Seconds since the stream's checkpoint was last stored, for streams this replica
+    /// consumes. Recomputed from [`Metrics::checkpoint_timestamp`] at every scrape, so it
+    /// keeps growing while nothing is stored (a stalled or idle stream).
     pub checkpoint_age: GaugeVec,
     /// Unix time of the last stored checkpoint, by stream.
     pub checkpoint_timestamp: GaugeVec,
@@ -82,9 +86,13 @@ fn histogram(
     h
 }
 
-const SECONDS: [f64; 14] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+const SECONDS: [f64; 17] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
 ];
+
+/// The `operation` label values of `eventsync_events_appended_total`.
+const OPERATIONS: [&str; 4] = ["insert", "update", "replace", "delete"];
 
 impl Metrics {
     fn new() -> Self {
@@ -104,12 +112,12 @@ impl Metrics {
             resyncs: counter(&r, "eventsync_resyncs_total", "Full re-reads of a collection (initial sync or after the resume point was lost).", &["stream", "reason"]),
             stream_events: counter(&r, "eventsync_stream_lifecycle_total", "Change stream lifecycle events: drop, rename, invalidate, reopen.", &["stream", "kind"]),
             lease_held: {
-                let g = IntGaugeVec::new(Opts::new("eventsync_lease_held", "1 while this replica holds the stream's lease."), &["stream"]).expect("valid metric");
+                let g = IntGaugeVec::new(Opts::new("eventsync_lease_held", "1 while this replica holds the stream's lease and consumes it; 0 while it stands by, starts or restarts."), &["stream"]).expect("valid metric");
                 r.register(Box::new(g.clone())).expect("unique metric");
                 g
             },
             lease_acquired: counter(&r, "eventsync_lease_acquisitions_total", "Times this replica acquired a stream's lease.", &["stream"]),
-            checkpoint_age: gauge(&r, "eventsync_checkpoint_age_seconds", "Seconds since the stream's checkpoint was last stored.", &["stream"]),
+            checkpoint_age: gauge(&r, "eventsync_checkpoint_age_seconds", "Seconds since this replica last stored the checkpoint of a stream it consumes (computed at scrape).", &["stream"]),
             checkpoint_timestamp: gauge(&r, "eventsync_checkpoint_timestamp_seconds", "Unix time at which the stream's checkpoint was last stored.", &["stream"]),
             http_requests: counter(&r, "eventsync_http_requests_total", "Sync API requests by route, method and status.", &["route", "method", "status"]),
             http_duration: histogram(&r, "eventsync_http_request_duration_seconds", "Sync API request latency.", &["route"], secs),
@@ -138,6 +146,51 @@ impl Metrics {
         m
     }
 
+    /// Creates a stream's series at zero (counters, `lease_held` 0), so that a stream shows
+    /// up before its first event and `rate()`/`increase()` see the first increments.
+    pub fn init_stream(&self, stream: &str) {
+        for op in OPERATIONS {
+            self.events_appended.with_label_values(&[stream, op]);
+        }
+        self.changes_read.with_label_values(&[stream]);
+        self.changes_skipped.with_label_values(&[stream]);
+        self.lease_acquired.with_label_values(&[stream]);
+        self.compacted.with_label_values(&[stream]);
+        self.lease_held.with_label_values(&[stream]);
+    }
+
+    /// Values computed at scrape time: the checkpoint age of every stream this replica
+    /// consumes (from the time its checkpoint was last stored); streams it does not consume
+    /// have no age (their last checkpoint is another replica's business).
+    fn refresh(&self) {
+        let now = unix_now();
+        for family in self.checkpoint_timestamp.collect() {
+            for m in family.get_metric() {
+                let Some(stream) = m
+                    .get_label()
+                    .iter()
+                    .find(|l| l.get_name() == "stream")
+                    .map(|l| l.get_value())
+                else {
+                    continue;
+                };
+                let held = self
+                    .lease_held
+                    .get_metric_with_label_values(&[stream])
+                    .map(|g| g.get() == 1)
+                    .unwrap_or(false);
+                if held {
+                    let stored = m.get_gauge().get_value();
+                    self.checkpoint_age
+                        .with_label_values(&[stream])
+                        .set((now - stored).max(0.0));
+                } else {
+                    let _ = self.checkpoint_age.remove_label_values(&[stream]);
+                }
+            }
+        }
+    }
+
     /// Counts an error of a component.
     pub fn error(&self, component: &str, kind: &str) {
         self.errors.with_label_values(&[component, kind]).inc();
@@ -145,6 +198,7 @@ impl Metrics {
 
     /// Renders the text exposition format.
     pub fn render(&self) -> String {
+        self.refresh();
         let mut buf = Vec::new();
         let encoder = TextEncoder::new();
         if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {

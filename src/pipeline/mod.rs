@@ -74,6 +74,22 @@ pub struct PipelineConfig {
     pub idle_checkpoint_ms: u64,
     /// Delay before a failed stream is restarted, milliseconds (doubles up to 30 s).
     pub restart_backoff_ms: u64,
+    /// How a re-read finds changed documents: `content` (default) reads every document
+    /// and diffs it against its shadow, which also catches unstamped writes; `version`
+    /// compares only `_id` and the version field (an index-only scan) and reads just the
+    /// documents whose version differs — faster, but an unstamped write that left the
+    /// version unchanged while history was lost is only seen at the document's next write.
+    pub resync_compare: ResyncCompare,
+}
+
+/// See [`PipelineConfig::resync_compare`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResyncCompare {
+    /// Read every document.
+    Content,
+    /// Read documents whose version differs.
+    Version,
 }
 
 impl Default for PipelineConfig {
@@ -86,6 +102,7 @@ impl Default for PipelineConfig {
             max_await_ms: 500,
             idle_checkpoint_ms: 1_000,
             restart_backoff_ms: 200,
+            resync_compare: ResyncCompare::Content,
         }
     }
 }

@@ -11,6 +11,7 @@ use tracing::info;
 
 use super::append::{Appender, BatchStats};
 use super::transform::DocChange;
+use super::ResyncCompare;
 use crate::client::StampFields;
 use crate::mongo::{doc_key, StoreError};
 
@@ -23,6 +24,7 @@ pub async fn resync(
     fields: &StampFields,
     token: Option<Document>,
     batch_size: usize,
+    compare: ResyncCompare,
 ) -> Result<BatchStats, StoreError> {
     let stream = appender.stream().to_owned();
     let mut known = appender.store().shadow_versions(&stream).await?;
@@ -40,7 +42,9 @@ pub async fn resync(
         let key = doc_key(&id);
         let version = fields.version_of(&d);
         let same = match known.remove(&key) {
-            Some((stamp, false, _)) => version.is_some() && stamp == version,
+            Some((stamp, false, _)) => {
+                compare == ResyncCompare::Version && version.is_some() && stamp == version
+            }
             _ => false,
         };
         if !same {

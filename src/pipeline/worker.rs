@@ -208,6 +208,7 @@ impl StreamWorker {
                 &self.fields,
                 start,
                 self.pipeline.batch_size,
+                self.pipeline.resync_compare,
             )
             .await?;
         }

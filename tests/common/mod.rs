@@ -16,6 +16,7 @@ use bson::{doc, Bson, Document};
 use eventsync::diff;
 use eventsync::mongo::events::{EventRecord, Operation};
 use futures_util::TryStreamExt;
+use rand::Rng;
 
 /// The environment variable naming the test server.
 pub const URI_VAR: &str = "EVENTSYNC_TEST_MONGODB_URI";
@@ -106,6 +107,8 @@ pub struct DaemonSpec {
     pub extra: String,
     /// Extra `[pipeline]` keys.
     pub pipeline: String,
+    /// `[log] format`: `text` or `json`.
+    pub log_format: String,
 }
 
 impl DaemonSpec {
@@ -121,6 +124,7 @@ impl DaemonSpec {
             tokens: vec![],
             extra: String::new(),
             pipeline: String::new(),
+            log_format: "text".into(),
         }
     }
 }
@@ -176,8 +180,9 @@ impl Daemon {
         );
         let tokens: Vec<String> = spec.tokens.iter().map(|t| toml_str(t)).collect();
         text += &format!(
-            "[sync]\nlisten = \"127.0.0.1:{sync_port}\"\ntokens = [{}]\ntail_poll_ms = 50\n\n[ops]\nlisten = \"127.0.0.1:{ops_port}\"\nping_interval_ms = 200\n\n[log]\nlevel = \"info,eventsync=debug\"\n\n",
-            tokens.join(", ")
+            "[sync]\nlisten = \"127.0.0.1:{sync_port}\"\ntokens = [{}]\ntail_poll_ms = 50\n\n[ops]\nlisten = \"127.0.0.1:{ops_port}\"\nping_interval_ms = 200\n\n[log]\nlevel = \"info,eventsync=debug\"\nformat = {}\n\n",
+            tokens.join(", "),
+            toml_str(&spec.log_format)
         );
         text += &spec.extra;
         std::fs::File::create(&config)
@@ -388,5 +393,76 @@ pub async fn wait_converged(
             panic!("not converged");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A mixed write load on documents `0..docs` of `coll`: thin-client upserts, edits,
+/// operator updates and deletes, plus unstamped updates and replaces from a raw writer.
+pub async fn mixed_load(coll: mongodb::Collection<Document>, writer: usize, ops: usize, docs: i32) {
+    let client = eventsync::client::SyncCollection::<Document>::new(
+        coll.clone(),
+        eventsync::client::ClientOptions::new(format!("writer-{writer}")).max_retries(200),
+    )
+    .expect("client");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(writer as u64);
+    for i in 0..ops {
+        let id = rng.gen_range(0..docs);
+        match rng.gen_range(0..10) {
+            0..=1 => {
+                let d = doc! {
+                    "_id": id, "n": 0_i32, "big": 5_000_000_000_i64, "f": 1.5,
+                    "when": bson::DateTime::from_millis(1_700_000_000_000 + i as i64),
+                    "ref": bson::oid::ObjectId::new(), "tags": ["a", "b"], "nested": { "k": "v", "a.b": 1 }
+                };
+                let _ = client.find_one_and_upsert(d).await;
+            }
+            2..=5 => {
+                let r = client
+                    .find_one_and_update(id, |d| {
+                        let n = d.get_i32("n").unwrap_or(0);
+                        d.insert("n", n + 1);
+                        d.insert("w", format!("writer-{writer}-{i}"));
+                        if n % 3 == 0 {
+                            d.remove("f");
+                        } else {
+                            d.insert("f", n as f64 / 2.0);
+                        }
+                    })
+                    .await;
+                if let Err(e) = r {
+                    assert!(
+                        matches!(
+                            e,
+                            eventsync::client::ClientError::NotFound { .. }
+                                | eventsync::client::ClientError::Unversioned { .. }
+                        ),
+                        "{e}"
+                    );
+                }
+            }
+            6 => {
+                let _ = client
+                    .update_one(id, doc! { "$inc": { "n": 10 }, "$set": { "op": "inc" } })
+                    .await;
+            }
+            7 => {
+                let _ = client.delete_one(id, None).await;
+            }
+            8 => {
+                // An unstamped writer (another service): no version bump, no origin.
+                let _ = coll
+                    .update_one(doc! { "_id": id }, doc! { "$set": { "raw": i as i64 } })
+                    .await;
+            }
+            _ => {
+                // An unstamped replace.
+                let _ = coll
+                    .replace_one(
+                        doc! { "_id": id },
+                        doc! { "raw_replace": true, "list": [1, 2, bson::Bson::Null] },
+                    )
+                    .await;
+            }
+        }
     }
 }
