@@ -276,16 +276,20 @@ where
                 .ok_or_else(|| ClientError::NotFound { id: key.clone() })?;
             let version = self.version(&id, &current)?;
             let mut value: T = bson::from_document(current.clone())?;
+            // Compared after the edit: the stored document may differ from `T`'s
+            // serialisation (Int32 read into an i64, fields `T` lacks) without any edit.
+            let unedited = self.serialize(&value)?;
             edit(&mut value);
             let mut next = self.serialize(&value)?;
+            let unchanged = next == unedited;
             next.insert("_id", id.clone());
             // The patch of the edit alone: compare without the stamp.
             let patch = diff::diff(&self.unstamped(&current), &self.unstamped(&next));
-            if patch.is_empty() {
+            if unchanged || patch.is_empty() {
                 return Ok(Updated {
                     doc: bson::from_document(current)?,
                     version,
-                    patch,
+                    patch: Patch(Vec::new()),
                 });
             }
             self.fields()
