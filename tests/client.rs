@@ -604,11 +604,10 @@ async fn cache_never_goes_back_before_own_writes_and_is_invalidated_on_conflict(
     };
     let seen = seen.lock().unwrap().clone();
     assert_eq!(
-        seen.last(),
-        Some(&4),
-        "the retry saw the newest version: {seen:?}"
+        seen,
+        vec![2, 4],
+        "first the cached copy, then (after the conflict) the newest version"
     );
-    assert!(seen.iter().all(|v| *v >= 2), "{seen:?}");
     assert_eq!(mine.version, 5);
     assert_eq!(
         mine.doc.label, "theirs",
@@ -630,6 +629,48 @@ async fn cache_never_goes_back_before_own_writes_and_is_invalidated_on_conflict(
     );
     let now = cached.find_one("k").await.unwrap().unwrap();
     assert_eq!((now.version, now.n), (7, 12));
+}
+
+#[tokio::test]
+async fn cache_is_invalidated_when_the_retry_limit_is_reached() {
+    let coll = fresh("client_cache_conflict").await;
+    let cached: SyncCollection<Counter> = sync(
+        &coll,
+        ClientOptions::new("cached")
+            .cache(long_cache())
+            .max_retries(0),
+    );
+    let other: SyncCollection<Counter> = sync(&coll, ClientOptions::new("other"));
+    cached.find_one_and_upsert(counter("i", 0)).await.unwrap();
+    assert_eq!(cached.find_one("i").await.unwrap().unwrap().version, 1);
+    other.find_one_and_update("i", |c| c.n = 5).await.unwrap();
+    // The cached copy is still served (long TTL, not older than this process's write)...
+    assert_eq!(cached.find_one("i").await.unwrap().unwrap().version, 1);
+    // ...until a compare-and-swap based on it loses.
+    let err = cached
+        .find_one_and_update("i", |c| c.n += 1)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Conflict {
+                expected: 1,
+                found: Some(2),
+                attempts: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let now = cached.find_one("i").await.unwrap().unwrap();
+    assert_eq!(
+        (now.version, now.n),
+        (2, 5),
+        "the conflict dropped the cached copy"
+    );
+    let next = cached.find_one_and_update("i", |c| c.n += 1).await.unwrap();
+    assert_eq!((next.version, next.doc.n), (3, 6));
 }
 
 #[tokio::test]

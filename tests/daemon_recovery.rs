@@ -10,7 +10,12 @@ use common::*;
 use futures_util::StreamExt;
 use rand::Rng;
 
-fn spawn_load(coll: &mongodb::Collection<Document>, writers: usize, ops: usize, docs: i32) -> Vec<tokio::task::JoinHandle<()>> {
+fn spawn_load(
+    coll: &mongodb::Collection<Document>,
+    writers: usize,
+    ops: usize,
+    docs: i32,
+) -> Vec<tokio::task::JoinHandle<()>> {
     (0..writers)
         .map(|w| tokio::spawn(mixed_load(coll.clone(), w + 10 * ops, ops, docs)))
         .collect()
@@ -23,7 +28,12 @@ async fn finish(load: Vec<tokio::task::JoinHandle<()>>) {
 }
 
 async fn metric(daemon: &Daemon, name_and_labels: &str) -> Option<f64> {
-    let body = reqwest::get(format!("{}/metrics", daemon.ops_url())).await.ok()?.text().await.ok()?;
+    let body = reqwest::get(format!("{}/metrics", daemon.ops_url()))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
     body.lines()
         .filter(|l| l.starts_with(name_and_labels))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -51,7 +61,11 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     finish(load).await;
     // A lease held by a killed process lapses: the restarted daemon takes over.
     let events = wait_converged(&client, &event_db, &coll, Duration::from_secs(90)).await;
-    assert!(events.len() > 100, "load too small: {} events", events.len());
+    assert!(
+        events.len() > 100,
+        "load too small: {} events",
+        events.len()
+    );
     drop(daemon);
 }
 
@@ -64,8 +78,14 @@ async fn sigterm_during_load_exits_cleanly_and_restart_continues_without_gap() {
     let mut daemon = Daemon::start(&spec);
     let load = spawn_load(&coll, 2, 200, 10);
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let status = daemon.terminate(Duration::from_secs(15)).expect("daemon exits within 15 s of SIGTERM");
-    assert!(status.success(), "exit status {status:?}\n{}", daemon.log_text());
+    let status = daemon
+        .terminate(Duration::from_secs(15))
+        .expect("daemon exits within 15 s of SIGTERM");
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        daemon.log_text()
+    );
     // The checkpoint covers exactly the log it left behind.
     let stream = format!("{app_db}.items");
     let events = read_log(&client, &event_db, &stream).await;
@@ -77,11 +97,25 @@ async fn sigterm_during_load_exits_cleanly_and_restart_continues_without_gap() {
         .unwrap()
         .expect("checkpoint stored");
     let cp_seq = eventsync::mongo::get_int(&cp, "seq").unwrap();
-    assert_eq!(cp_seq, events.len() as i64, "checkpoint must cover the whole log at shutdown");
+    assert_eq!(
+        cp_seq,
+        events.len() as i64,
+        "checkpoint must cover the whole log at shutdown"
+    );
     // The lease was released: a new daemon starts consuming at once.
-    let lease = client.database(&event_db).collection::<Document>("leases").find_one(doc! { "_id": &stream }).await.unwrap().unwrap();
-    let expires = eventsync::mongo::get_int(&lease, "expires_at_ms").unwrap_or_else(|| panic!("lease {lease}"));
-    assert!(expires <= bson::DateTime::now().timestamp_millis(), "lease not released: {lease}");
+    let lease = client
+        .database(&event_db)
+        .collection::<Document>("leases")
+        .find_one(doc! { "_id": &stream })
+        .await
+        .unwrap()
+        .unwrap();
+    let expires = eventsync::mongo::get_int(&lease, "expires_at_ms")
+        .unwrap_or_else(|| panic!("lease {lease}"));
+    assert!(
+        expires <= bson::DateTime::now().timestamp_millis(),
+        "lease not released: {lease}"
+    );
     let daemon = Daemon::start(&spec);
     finish(load).await;
     wait_converged(&client, &event_db, &coll, Duration::from_secs(60)).await;
@@ -96,7 +130,9 @@ async fn lost_history_is_recovered_by_rereading_the_collection() {
     let spec = DaemonSpec::new(&event_db, &app_db, "items");
     let mut daemon = Daemon::start(&spec);
     finish(spawn_load(&coll, 2, 60, 20)).await;
-    coll.insert_one(doc! { "_id": 999, "doomed": true, "version": 1_i64 }).await.unwrap();
+    coll.insert_one(doc! { "_id": 999, "doomed": true, "version": 1_i64 })
+        .await
+        .unwrap();
     wait_converged(&client, &event_db, &coll, Duration::from_secs(60)).await;
     let status = daemon.terminate(Duration::from_secs(15)).expect("stops");
     assert!(status.success());
@@ -107,10 +143,13 @@ async fn lost_history_is_recovered_by_rereading_the_collection() {
     let writes = 1300;
     for i in 0..writes {
         let id = i % 30;
-        coll.update_one(doc! { "_id": id }, doc! { "$set": { "offline": i }, "$setOnInsert": { "version": 1_i64 } })
-            .upsert(true)
-            .await
-            .expect("write");
+        coll.update_one(
+            doc! { "_id": id },
+            doc! { "$set": { "offline": i }, "$setOnInsert": { "version": 1_i64 } },
+        )
+        .upsert(true)
+        .await
+        .expect("write");
     }
     coll.delete_one(doc! { "_id": 999 }).await.unwrap();
     let mut seen = 0;
@@ -131,7 +170,10 @@ async fn lost_history_is_recovered_by_rereading_the_collection() {
         daemon.log_text()
     );
     // Clients are not reset: positions continue after the old ones.
-    assert!(events.iter().any(|e| e.op == eventsync::mongo::events::Operation::Delete && e.doc_key == eventsync::mongo::doc_key(&bson::Bson::Int32(999))));
+    assert!(events
+        .iter()
+        .any(|e| e.op == eventsync::mongo::events::Operation::Delete
+            && e.doc_key == eventsync::mongo::doc_key(&bson::Bson::Int32(999))));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -155,11 +197,18 @@ async fn a_standby_replica_takes_over_when_the_holder_dies() {
             .flatten()
             .and_then(|d| d.get_str("holder").ok().map(str::to_owned))
     };
-    let first = wait_for("a lease holder", Duration::from_secs(20), || holder(leases.clone(), stream.clone())).await;
+    let first = wait_for("a lease holder", Duration::from_secs(20), || {
+        holder(leases.clone(), stream.clone())
+    })
+    .await;
     let load = spawn_load(&coll, 2, 200, 10);
     tokio::time::sleep(Duration::from_millis(700)).await;
     // Exactly one consumes: the other stands by (its readiness says so).
-    let (dead, survivor_holder) = if first == "replica-a" { (&mut a, "replica-b") } else { (&mut b, "replica-a") };
+    let (dead, survivor_holder) = if first == "replica-a" {
+        (&mut a, "replica-b")
+    } else {
+        (&mut b, "replica-a")
+    };
     dead.kill9();
     let killed_at = std::time::Instant::now();
     let next = wait_for("takeover", Duration::from_secs(20), || {
@@ -169,7 +218,10 @@ async fn a_standby_replica_takes_over_when_the_holder_dies() {
     .await;
     let took = killed_at.elapsed();
     assert_eq!(next, survivor_holder);
-    assert!(took < Duration::from_millis(spec_a.lease_ttl_ms + 5000), "takeover took {took:?}");
+    assert!(
+        took < Duration::from_millis(spec_a.lease_ttl_ms + 5000),
+        "takeover took {took:?}"
+    );
     finish(load).await;
     let events = wait_converged(&client, &event_db, &coll, Duration::from_secs(60)).await;
     assert!(events.len() > 50, "load too small: {}", events.len());

@@ -75,7 +75,7 @@ fn ensure_parser() {
 /// rejects, and when the parser did not account for every sample line.
 fn parse_expositions(texts: &[String]) -> Vec<Value> {
     ensure_parser();
-    const SCRIPT: &str = r#"
+    const SCRIPT: &str = r##"
 import json, sys
 from prometheus_client.parser import text_string_to_metric_families
 out = []
@@ -92,7 +92,7 @@ for i, text in enumerate(json.load(sys.stdin)):
         sys.exit(f"exposition {i}: {len(lines)} sample lines but the parser returned {parsed}")
     out.append(families)
 json.dump(out, sys.stdout)
-"#;
+"##;
     let mut child = Command::new(venv_python())
         .args(["-c", SCRIPT])
         .stdin(Stdio::piped())
@@ -210,7 +210,10 @@ fn check_conventions(families: &Value) {
     for f in families.as_array().unwrap() {
         let name = f["name"].as_str().unwrap();
         let kind = f["type"].as_str().unwrap();
-        assert!(name.starts_with("eventsync_"), "{name}: no eventsync_ prefix");
+        assert!(
+            name.starts_with("eventsync_"),
+            "{name}: no eventsync_ prefix"
+        );
         assert!(
             !f["help"].as_str().unwrap_or("").is_empty(),
             "{name}: no HELP"
@@ -233,12 +236,11 @@ fn check_conventions(families: &Value) {
                     "histogram {name} has no unit suffix"
                 );
                 assert!(
-                    f["samples"]
-                        .as_array()
+                    f["samples"].as_array().unwrap().iter().any(|s| s["name"]
+                        .as_str()
                         .unwrap()
-                        .iter()
-                        .any(|s| s["name"].as_str().unwrap().ends_with("_bucket")
-                            && s["labels"]["le"] == "+Inf")
+                        .ends_with("_bucket")
+                        && s["labels"]["le"] == "+Inf")
                         || f["samples"].as_array().unwrap().is_empty(),
                     "histogram {name} without +Inf bucket"
                 );
@@ -278,7 +280,11 @@ async fn metrics_are_valid_and_move_with_the_load() {
     let before = &parse_expositions(std::slice::from_ref(&before_text))[0];
     check_conventions(before);
     assert_eq!(
-        sum(before, "eventsync_build_info", &[("version", env!("CARGO_PKG_VERSION"))]),
+        sum(
+            before,
+            "eventsync_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
         Some(1.0),
         "build info:\n{before_text}"
     );
@@ -383,7 +389,11 @@ async fn metrics_are_valid_and_move_with_the_load() {
         appended - appended_before >= writes,
         "appended {appended_before} -> {appended}, {writes} writes"
     );
-    for (op, n) in [("insert", INSERTS), ("update", UPDATES), ("delete", DELETES)] {
+    for (op, n) in [
+        ("insert", INSERTS),
+        ("update", UPDATES),
+        ("delete", DELETES),
+    ] {
         let v = sum(
             after,
             "eventsync_events_appended_total",
@@ -393,14 +403,41 @@ async fn metrics_are_valid_and_move_with_the_load() {
         assert!(v >= n as f64, "{op}: {v} < {n}");
     }
     let read = sum(after, "eventsync_changes_read_total", &[("stream", st)]).unwrap();
-    assert!(read - read_before >= writes, "changes read {read_before} -> {read}");
-    assert!(sum(after, "eventsync_batch_size_changes_count", &[("stream", st)]).unwrap() >= 1.0);
+    assert!(
+        read - read_before >= writes,
+        "changes read {read_before} -> {read}"
+    );
+    assert!(
+        sum(
+            after,
+            "eventsync_batch_size_changes_count",
+            &[("stream", st)]
+        )
+        .unwrap()
+            >= 1.0
+    );
     assert!(
         sum(after, "eventsync_batch_size_changes_sum", &[("stream", st)]).unwrap() >= writes,
         "batch sizes must add up to at least the changes"
     );
-    assert!(sum(after, "eventsync_diff_duration_seconds_count", &[("stream", st)]).unwrap() >= writes);
-    assert!(sum(after, "eventsync_append_duration_seconds_count", &[("stream", st)]).unwrap() >= 1.0);
+    assert!(
+        sum(
+            after,
+            "eventsync_diff_duration_seconds_count",
+            &[("stream", st)]
+        )
+        .unwrap()
+            >= writes
+    );
+    assert!(
+        sum(
+            after,
+            "eventsync_append_duration_seconds_count",
+            &[("stream", st)]
+        )
+        .unwrap()
+            >= 1.0
+    );
     let hist = family(after, "eventsync_append_duration_seconds").expect("append histogram");
     assert_eq!(hist["type"], "histogram");
     for g in [
@@ -415,19 +452,35 @@ async fn metrics_are_valid_and_move_with_the_load() {
         Some(1.0)
     );
     assert_eq!(
-        sum(after, "eventsync_lease_acquisitions_total", &[("stream", st)]),
+        sum(
+            after,
+            "eventsync_lease_acquisitions_total",
+            &[("stream", st)]
+        ),
         Some(1.0)
     );
     assert!(
-        sum(after, "eventsync_resyncs_total", &[("stream", st), ("reason", "initial")]).is_some(),
+        sum(
+            after,
+            "eventsync_resyncs_total",
+            &[("stream", st), ("reason", "initial")]
+        )
+        .is_some(),
         "the initial sync is a resync"
     );
     // Checkpoint age is computed when scraped: now minus the last stored checkpoint.
-    let stored = sum(after, "eventsync_checkpoint_timestamp_seconds", &[("stream", st)])
-        .expect("checkpoint timestamp");
-    let age = sum(after, "eventsync_checkpoint_age_seconds", &[("stream", st)])
-        .expect("checkpoint age");
-    assert!(stored <= t1 + 0.5 && stored > t0 - 60.0, "stored at {stored}, now {t0}");
+    let stored = sum(
+        after,
+        "eventsync_checkpoint_timestamp_seconds",
+        &[("stream", st)],
+    )
+    .expect("checkpoint timestamp");
+    let age =
+        sum(after, "eventsync_checkpoint_age_seconds", &[("stream", st)]).expect("checkpoint age");
+    assert!(
+        stored <= t1 + 0.5 && stored > t0 - 60.0,
+        "stored at {stored}, now {t0}"
+    );
     assert!(
         age >= t0 - stored - 0.5 && age <= t1 - stored + 0.5,
         "age {age} but the checkpoint was stored {}s before the scrape",
@@ -439,7 +492,11 @@ async fn metrics_are_valid_and_move_with_the_load() {
     let t0 = unix_now();
     let idle_text = scrape(&daemon).await;
     let t1 = unix_now();
-    let stored = raw_sum(&idle_text, "eventsync_checkpoint_timestamp_seconds", &pattern);
+    let stored = raw_sum(
+        &idle_text,
+        "eventsync_checkpoint_timestamp_seconds",
+        &pattern,
+    );
     let age = raw_sum(&idle_text, "eventsync_checkpoint_age_seconds", &pattern);
     assert!(
         age >= t0 - stored - 0.5 && age <= t1 - stored + 0.5,
@@ -465,7 +522,11 @@ async fn metrics_are_valid_and_move_with_the_load() {
         None
     );
     assert_eq!(
-        sum(&parse_expositions(&[scrape(&daemon).await])[0], "eventsync_lease_held", &[("stream", st)]),
+        sum(
+            &parse_expositions(&[scrape(&daemon).await])[0],
+            "eventsync_lease_held",
+            &[("stream", st)]
+        ),
         Some(1.0),
         "the first replica keeps the lease"
     );
@@ -508,15 +569,19 @@ async fn no_secret_in_logs_even_when_authentication_fails() {
     let mut daemon = Daemon::start(&spec);
     // The test server does not authenticate: the daemon logs its start (with the URI) and
     // then keeps failing to prepare its database, logging each error.
-    wait_for("start-up and a first outcome", Duration::from_secs(30), || {
-        let log = daemon.log_text();
-        async move {
-            (log.contains("starting eventsyncd")
-                && (log.contains("cannot prepare the daemon database")
-                    || log.contains("eventsyncd running")))
-            .then_some(())
-        }
-    })
+    wait_for(
+        "start-up and a first outcome",
+        Duration::from_secs(30),
+        || {
+            let log = daemon.log_text();
+            async move {
+                (log.contains("starting eventsyncd")
+                    && (log.contains("cannot prepare the daemon database")
+                        || log.contains("eventsyncd running")))
+                .then_some(())
+            }
+        },
+    )
     .await;
     send_with_token(&daemon, TOKEN).await;
     let (status, ready) = get(&format!("{}/readyz", daemon.ops_url()))
@@ -529,8 +594,15 @@ async fn no_secret_in_logs_even_when_authentication_fails() {
         log.contains("eventsync:***@"),
         "the start-up line shows the redacted URI:\n{log}"
     );
-    for (what, text) in [("log", &log), ("/readyz", &ready), ("/metrics", &metrics_text)] {
-        assert!(!text.contains(PASSWORD), "{what} leaks the password:\n{text}");
+    for (what, text) in [
+        ("log", &log),
+        ("/readyz", &ready),
+        ("/metrics", &metrics_text),
+    ] {
+        assert!(
+            !text.contains(PASSWORD),
+            "{what} leaks the password:\n{text}"
+        );
         assert!(!text.contains(TOKEN), "{what} leaks the token:\n{text}");
     }
     if log.contains("cannot prepare the daemon database") {
@@ -560,7 +632,10 @@ async fn json_logs_parse_and_carry_no_token() {
     .await;
     send_with_token(&daemon, TOKEN).await;
     let status = daemon.terminate(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "clean exit: {status:?}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "clean exit: {status:?}"
+    );
     let log = daemon.log_text();
     assert!(!log.contains(TOKEN), "the log leaks the token:\n{log}");
 
@@ -584,13 +659,18 @@ async fn json_logs_parse_and_carry_no_token() {
     assert!(
         lines.iter().any(|l| {
             l.get("message").and_then(Value::as_str) == Some("lease acquired; consuming")
-                && l.get("span").and_then(|s| s.get("stream")).and_then(Value::as_str)
+                && l.get("span")
+                    .and_then(|s| s.get("stream"))
+                    .and_then(Value::as_str)
                     == Some(stream.as_str())
         }),
         "no stream span on the lease line:\n{log}"
     );
     assert_eq!(
-        lines.last().and_then(|l| l.get("message")).and_then(Value::as_str),
+        lines
+            .last()
+            .and_then(|l| l.get("message"))
+            .and_then(Value::as_str),
         Some("eventsyncd stopped")
     );
 }
@@ -633,5 +713,11 @@ async fn liveness_answers_while_mongodb_is_unreachable() {
     let p = &parse_expositions(&[scrape(&daemon).await])[0];
     check_conventions(p);
     assert!(sum(p, "eventsync_errors_total", &[("component", "startup")]).unwrap() >= 1.0);
-    assert_eq!(get(&format!("{}/healthz", daemon.ops_url())).await.unwrap().0, 200);
+    assert_eq!(
+        get(&format!("{}/healthz", daemon.ops_url()))
+            .await
+            .unwrap()
+            .0,
+        200
+    );
 }

@@ -148,7 +148,9 @@ mod tests {
             assert!(shown.contains("***"), "{uri} -> {shown}");
         }
         assert_eq!(
-            redact_uri("mongodb://app:pw@db1:1,db2:2/?replicaSet=rs0&tlsCertificateKeyFilePassword=x"),
+            redact_uri(
+                "mongodb://app:pw@db1:1,db2:2/?replicaSet=rs0&tlsCertificateKeyFilePassword=x"
+            ),
             "mongodb://app:***@db1:1,db2:2/?replicaSet=rs0&tlsCertificateKeyFilePassword=***"
         );
         assert_eq!(
