@@ -36,6 +36,9 @@ pub struct Config {
     /// The sync query port.
     #[serde(default)]
     pub sync: SyncConfig,
+    /// Snapshots and compaction of the log.
+    #[serde(default)]
+    pub compaction: crate::compaction::CompactionConfig,
     /// Metrics and health endpoints.
     #[serde(default)]
     pub ops: OpsConfig,
@@ -142,6 +145,7 @@ impl Config {
         self.pipeline.validate()?;
         self.lease.validate()?;
         self.sync.validate()?;
+        self.compaction.validate()?;
         self.ops.validate()?;
         self.log.validate()?;
         Ok(())

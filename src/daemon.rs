@@ -135,6 +135,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
             addr: config.sync.listen,
             source,
         })?;
+    let compaction_task = crate::compaction::spawn(&config, store.clone(), shutdown.clone());
 
     let holder = config.lease.holder();
     let mut workers = Vec::new();
@@ -171,6 +172,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
         warn!("streams did not stop within 10 s");
     }
     pinger.abort();
+    compaction_task.abort();
     let _ = tokio::time::timeout(Duration::from_secs(2), api_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), ops_task).await;
     let _ = Arc::strong_count(&health);

@@ -15,6 +15,8 @@ pub mod diff;
 #[cfg(feature = "daemon")]
 pub mod api;
 #[cfg(feature = "daemon")]
+pub mod compaction;
+#[cfg(feature = "daemon")]
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;

@@ -293,6 +293,8 @@ async fn metrics_are_valid_and_move_with_the_load() {
         Some(1.0)
     );
     assert!(sum(before, "eventsync_process_start_time_seconds", &[]).unwrap() > 1.6e9);
+    assert_eq!(sum(before, "eventsync_ready", &[]), Some(1.0));
+    assert_eq!(sum(before, "eventsync_mongodb_reachable", &[]), Some(1.0));
     // A consumed stream's counters exist from the start, at zero if nothing happened.
     for op in ["insert", "update", "replace", "delete"] {
         assert!(
@@ -517,10 +519,17 @@ async fn metrics_are_valid_and_move_with_the_load() {
         sum(p, "eventsync_lease_acquisitions_total", &[("stream", st)]),
         Some(0.0)
     );
-    assert_eq!(
-        sum(p, "eventsync_checkpoint_age_seconds", &[("stream", st)]),
-        None
-    );
+    for g in [
+        "eventsync_checkpoint_age_seconds",
+        "eventsync_change_stream_lag_seconds",
+        "eventsync_replication_lag_seconds",
+    ] {
+        assert_eq!(
+            sum(p, g, &[("stream", st)]),
+            None,
+            "a standby exports no {g}"
+        );
+    }
     assert_eq!(
         sum(
             &parse_expositions(&[scrape(&daemon).await])[0],
@@ -593,6 +602,10 @@ async fn no_secret_in_logs_even_when_authentication_fails() {
     assert!(
         log.contains("eventsync:***@"),
         "the start-up line shows the redacted URI:\n{log}"
+    );
+    assert!(
+        !log.contains('\x1b'),
+        "no terminal colours in a log file:\n{log}"
     );
     for (what, text) in [
         ("log", &log),
@@ -713,6 +726,8 @@ async fn liveness_answers_while_mongodb_is_unreachable() {
     let p = &parse_expositions(&[scrape(&daemon).await])[0];
     check_conventions(p);
     assert!(sum(p, "eventsync_errors_total", &[("component", "startup")]).unwrap() >= 1.0);
+    assert_eq!(sum(p, "eventsync_ready", &[]), Some(0.0));
+    assert_eq!(sum(p, "eventsync_mongodb_reachable", &[]), Some(0.0));
     assert_eq!(
         get(&format!("{}/healthz", daemon.ops_url()))
             .await

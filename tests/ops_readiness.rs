@@ -115,6 +115,15 @@ async fn healthz(d: &Daemon) -> Option<u16> {
         .map(|r| r.status().as_u16())
 }
 
+async fn metrics_text(d: &Daemon) -> String {
+    reqwest::get(format!("{}/metrics", d.ops_url()))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("scrape body")
+}
+
 async fn wait_readyz(d: &Daemon, want: u16, timeout: Duration) -> (Duration, Value) {
     let start = Instant::now();
     loop {
@@ -182,9 +191,24 @@ async fn readiness_follows_mongodb_down_and_up() {
         Some(200),
         "liveness must not follow MongoDB"
     );
-    // It stays not ready while the server is down.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(readyz(&daemon).await.map(|r| r.0), Some(503));
+    // It stays not ready while the server is down, long enough for the change stream to
+    // give up (server selection times out after 5 s) and the stream to restart.
+    let down = Instant::now();
+    let mut roles = std::collections::BTreeSet::new();
+    while down.elapsed() < Duration::from_secs(8) {
+        let (status, body) = readyz(&daemon).await.expect("/readyz answers");
+        assert_eq!(status, 503, "ready while MongoDB is down: {body}");
+        if let Some(role) = body["streams"][&stream]["role"].as_str() {
+            roles.insert(role.to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("stream roles while MongoDB was down: {roles:?}");
+    assert_eq!(healthz(&daemon).await, Some(200));
+    let text = metrics_text(&daemon).await;
+    for line in ["eventsync_ready 0", "eventsync_mongodb_reachable 0"] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+    }
 
     // MongoDB returns on the same port and data: ready again, and consuming again.
     let _server = Server::start(port, &data, &server_log);
@@ -197,6 +221,10 @@ async fn readiness_follows_mongodb_down_and_up() {
     let coll = client.database(&app_db).collection::<Document>("items");
     coll.insert_one(doc! { "_id": 3, "v": 1 }).await.unwrap();
     wait_events(&client, &event_db, &stream, 3).await;
+    let text = metrics_text(&daemon).await;
+    for line in ["eventsync_ready 1", "eventsync_mongodb_reachable 1"] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+    }
     let events = read_log(&client, &event_db, &stream).await;
     let replayed = replay(&events);
     assert_eq!(replayed.len(), 3, "{events:?}");

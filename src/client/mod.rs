@@ -350,10 +350,11 @@ where
             }
             if let Bson::Document(fields) = fields {
                 for name in [&self.fields().version_field, &self.fields().origin_field] {
-                    if fields
-                        .keys()
-                        .any(|k| k == name || k.starts_with(&format!("{name}.")))
-                    {
+                    let touches = |k: &str| k == name || k.starts_with(&format!("{name}."));
+                    // `$rename` names its targets in the values.
+                    let renames_onto =
+                        op == "$rename" && fields.values().any(|v| v.as_str().is_some_and(touches));
+                    if renames_onto || fields.keys().any(|k| touches(k)) {
                         return Err(ClientError::InvalidUpdate(format!(
                             "the update must not change the stamp field `{name}`"
                         )));

@@ -108,7 +108,9 @@ impl StateVector {
                         .documents
                         .iter()
                         .map(|(k, d)| {
-                            Bson::Document(doc! { "key": k, "id": d.id.clone(), "version": d.version })
+                            Bson::Document(
+                                doc! { "key": k, "id": d.id.clone(), "version": d.version },
+                            )
                         })
                         .collect();
                     let mut e = doc! { "stream": name, "documents": docs };
@@ -228,7 +230,10 @@ impl ClientRecord {
                             stream: n.get_str("stream").unwrap_or_default().to_owned(),
                             through_seq: get_int(n, "through_seq").unwrap_or(0),
                             reason: n.get_str("reason").unwrap_or_default().to_owned(),
-                            at: n.get_datetime("at").copied().unwrap_or_else(|_| DateTime::now()),
+                            at: n
+                                .get_datetime("at")
+                                .copied()
+                                .unwrap_or_else(|_| DateTime::now()),
                         }),
                         _ => None,
                     })
@@ -342,12 +347,11 @@ impl Store {
         self.update_client(id, |c| {
             let mut changed = c.vector.merge(vector);
             let before = c.notices.len();
-            let v = c.vector.clone();
-            c.notices.retain(|n| {
-                v.streams
-                    .get(&n.stream)
-                    .and_then(|s| s.position)
-                    .is_none_or(|p| p < n.through_seq)
+            // A notice is settled by acknowledging that stream again: a position at or past
+            // it, or document versions (taken from the snapshots sent in place of events).
+            c.notices.retain(|n| match vector.streams.get(&n.stream) {
+                Some(s) => s.documents.is_empty() && s.position.is_none_or(|p| p < n.through_seq),
+                None => true,
             });
             changed |= c.notices.len() != before;
             changed
@@ -375,7 +379,11 @@ impl Store {
 
     /// Read-modify-write of a client record with compare-and-swap on `rev`. `change`
     /// returns false when nothing changed (no write). `None` when the client is unknown.
-    async fn update_client<F>(&self, id: &str, mut change: F) -> Result<Option<ClientRecord>, StoreError>
+    async fn update_client<F>(
+        &self,
+        id: &str,
+        mut change: F,
+    ) -> Result<Option<ClientRecord>, StoreError>
     where
         F: FnMut(&mut ClientRecord) -> bool,
     {

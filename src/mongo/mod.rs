@@ -9,6 +9,7 @@ pub mod dead_letters;
 pub mod events;
 pub mod lease;
 pub mod shadows;
+pub mod snapshots;
 
 use std::time::Duration;
 

@@ -2,11 +2,10 @@
 
 use std::collections::HashMap;
 
-use bson::{doc, Bson, Document};
+use bson::{doc, Bson, Document, RawBson, RawDocumentBuf};
 
 use crate::diff::repr;
 use futures_util::TryStreamExt;
-use mongodb::options::ReplaceOptions;
 
 use super::{Store, StoreError};
 
@@ -38,22 +37,37 @@ pub fn shadow_id(stream: &str, doc_key: &str) -> String {
     format!("{stream}\u{1f}{doc_key}")
 }
 
-fn encode(stream: &str, key: &str, s: &Shadow) -> Result<Document, StoreError> {
-    let _ = key;
-    let mut d = doc! {
-        "_id": shadow_id(stream, key),
-        "stream": stream,
-        "doc_key": key,
-        "doc_id": s.doc_id.clone(),
-        "version": s.version,
-        "stamp": s.stamp.map_or(Bson::Null, Bson::Int64),
-        "offset": s.offset,
-        "deleted": s.doc.is_none(),
+/// Largest shadow record MongoDB stores (its document size limit). A document whose
+/// record would be larger cannot be followed: its change becomes a dead letter.
+pub const MAX_SHADOW_RECORD_BYTES: usize = 16 * 1024 * 1024;
+
+/// The stored form of a shadow, ready to write (and to measure: the type-preserving JSON
+/// text of a document can be several times its BSON size).
+pub fn shadow_record(stream: &str, key: &str, s: &Shadow) -> Result<RawDocumentBuf, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        what: "shadow",
+        id: key.to_owned(),
+        reason,
     };
+    let mut d = RawDocumentBuf::new();
+    d.append("_id", shadow_id(stream, key));
+    d.append("stream", stream);
+    d.append("doc_key", key);
+    d.append(
+        "doc_id",
+        RawBson::try_from(s.doc_id.clone()).map_err(|e| corrupt(e.to_string()))?,
+    );
+    d.append("version", s.version);
+    match s.stamp {
+        Some(v) => d.append("stamp", v),
+        None => d.append("stamp", RawBson::Null),
+    }
+    d.append("offset", s.offset);
+    d.append("deleted", s.doc.is_none());
     if let Some(doc) = &s.doc {
         // The type-preserving JSON text: exact whatever the keys and types, and storable
         // by any server (no `$`-keys, no types a server might not keep).
-        d.insert("doc", repr::to_value(doc).to_string());
+        d.append("doc", repr::to_value(doc).to_string());
     }
     Ok(d)
 }
@@ -131,20 +145,31 @@ impl Store {
         stream: &str,
         shadows: &[(String, Shadow)],
     ) -> Result<(), StoreError> {
-        let coll = self.shadows();
-        let opts = ReplaceOptions::builder().upsert(true).build();
-        let mut futures = Vec::with_capacity(shadows.len());
-        for (key, s) in shadows {
-            let d = encode(stream, key, s)?;
+        let records = shadows
+            .iter()
+            .map(|(key, s)| shadow_record(stream, key, s))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.save_shadow_records(records).await
+    }
+
+    /// Stores shadow records made by [`shadow_record`] (idempotent upserts, concurrently).
+    pub async fn save_shadow_records(&self, records: Vec<RawDocumentBuf>) -> Result<(), StoreError> {
+        let coll = self.db.collection::<RawDocumentBuf>("shadows");
+        let mut futures = Vec::with_capacity(records.len());
+        for record in records {
+            let id = record
+                .get_str("_id")
+                .map(str::to_owned)
+                .map_err(|e| StoreError::Corrupt {
+                    what: "shadow",
+                    id: String::new(),
+                    reason: e.to_string(),
+                })?;
             let coll = coll.clone();
-            let opts = opts.clone();
             futures.push(async move {
-                coll.replace_one(
-                    doc! { "_id": d.get_str("_id").unwrap_or_default() },
-                    d.clone(),
-                )
-                .with_options(opts)
-                .await
+                coll.replace_one(doc! { "_id": id }, record)
+                    .upsert(true)
+                    .await
             });
         }
         for r in futures_util::future::join_all(futures).await {

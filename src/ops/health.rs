@@ -61,10 +61,12 @@ impl Health {
     /// Records whether MongoDB answered the last ping.
     pub fn set_mongo(&self, ok: bool) {
         self.mongo_ok.store(ok, Ordering::Relaxed);
+        metrics().mongodb_reachable.set(i64::from(ok));
     }
 
     /// Records a stream's role; also sets `eventsync_lease_held` (1 only while consuming),
-    /// so a replica standing by reports 0 rather than nothing.
+    /// so a replica standing by reports 0 rather than nothing, and drops the stream's lag
+    /// and checkpoint-age series while it does not consume it.
     pub fn set_role(&self, stream: &str, role: StreamRole) {
         let m = metrics();
         let mut s = self.lock();
@@ -84,6 +86,13 @@ impl Health {
         m.lease_held
             .with_label_values(&[stream])
             .set(i64::from(role == StreamRole::Consuming));
+        if role != StreamRole::Consuming {
+            // Lags describe consumption: a replica that does not consume the stream (any
+            // more) must not report a stale value next to the consumer's.
+            let _ = m.change_stream_lag.remove_label_values(&[stream]);
+            let _ = m.replication_lag.remove_label_values(&[stream]);
+            let _ = m.checkpoint_age.remove_label_values(&[stream]);
+        }
     }
 
     /// Records progress of a consumed stream with its current lag.
@@ -134,13 +143,15 @@ async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     (status, Json(body))
 }
 
-async fn render_metrics() -> impl IntoResponse {
+async fn render_metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    let m = metrics();
+    m.ready.set(i64::from(health.readiness().0));
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        metrics().render(),
+        m.render(),
     )
 }
 

@@ -1,5 +1,7 @@
 //! `tracing` set-up: human-readable by default, JSON by configuration.
 
+use std::io::IsTerminal;
+
 use serde::Deserialize;
 
 use crate::config::ConfigError;
@@ -42,8 +44,10 @@ impl LogConfig {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .or_else(|_| tracing_subscriber::EnvFilter::try_new(&self.level))
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // Colours only on a terminal: not in files, `kubectl logs` or log shippers.
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr);
         let _ = if self.format == "json" {
             builder

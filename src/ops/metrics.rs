@@ -34,7 +34,7 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     /// Full re-reads after the resume point was lost, by stream.
     pub resyncs: IntCounterVec,
-    /// Stream lifecycle events (drop, rename, invalidate, reopen), by stream and kind.
+    /// Stream lifecycle events (drop, rename, dropdatabase, invalidate, other), by stream and kind.
     pub stream_events: IntCounterVec,
     /// 1 while this replica holds the stream's lease and consumes it, 0 otherwise
     /// (standing by, starting, failed); set by [`crate::ops::Health::set_role`] too.
@@ -55,6 +55,10 @@ pub struct Metrics {
     pub live_subscribers: IntGauge,
     /// Events compacted away.
     pub compacted: IntCounterVec,
+    /// 1 while MongoDB answers the readiness ping (set by [`crate::ops::Health::set_mongo`]).
+    pub mongodb_reachable: IntGauge,
+    /// 1 while `/readyz` would answer 200 (set at every scrape of `/metrics`).
+    pub ready: IntGauge,
     /// Build information (always 1).
     pub build_info: IntGaugeVec,
     /// Process start time.
@@ -110,7 +114,7 @@ impl Metrics {
             errors: counter(&r, "eventsync_errors_total", "Errors by component and kind.", &["component", "kind"]),
             dead_letters: counter(&r, "eventsync_dead_letters_total", "Changes that could not become events and were recorded as dead letters.", &["stream", "reason"]),
             resyncs: counter(&r, "eventsync_resyncs_total", "Full re-reads of a collection (initial sync or after the resume point was lost).", &["stream", "reason"]),
-            stream_events: counter(&r, "eventsync_stream_lifecycle_total", "Change stream lifecycle events: drop, rename, invalidate, reopen.", &["stream", "kind"]),
+            stream_events: counter(&r, "eventsync_stream_lifecycle_total", "Change stream lifecycle events by kind: drop, rename, dropdatabase, invalidate (the stream is re-opened), other (ignored).", &["stream", "kind"]),
             lease_held: {
                 let g = IntGaugeVec::new(Opts::new("eventsync_lease_held", "1 while this replica holds the stream's lease and consumes it; 0 while it stands by, starts or restarts."), &["stream"]).expect("valid metric");
                 r.register(Box::new(g.clone())).expect("unique metric");
@@ -127,6 +131,16 @@ impl Metrics {
                 g
             },
             compacted: counter(&r, "eventsync_events_compacted_total", "Events removed by compaction.", &["stream"]),
+            mongodb_reachable: {
+                let g = IntGauge::new("eventsync_mongodb_reachable", "1 while MongoDB answers the readiness ping, else 0.").expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            ready: {
+                let g = IntGauge::new("eventsync_ready", "1 while this replica is ready (/readyz answers 200), else 0.").expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             build_info: {
                 let g = IntGaugeVec::new(Opts::new("eventsync_build_info", "Build information."), &["version"]).expect("valid metric");
                 r.register(Box::new(g.clone())).expect("unique metric");
@@ -169,8 +183,8 @@ impl Metrics {
                 let Some(stream) = m
                     .get_label()
                     .iter()
-                    .find(|l| l.get_name() == "stream")
-                    .map(|l| l.get_value())
+                    .find(|l| l.name() == "stream")
+                    .map(|l| l.value())
                 else {
                     continue;
                 };

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::time::Instant;
 
-use bson::{DateTime, Document};
+use bson::{DateTime, Document, RawDocumentBuf};
 use lru::LruCache;
 use tracing::{debug, warn};
 
@@ -16,7 +16,7 @@ use super::PipelineConfig;
 use crate::client::StampFields;
 use crate::mongo::checkpoints::Checkpoint;
 use crate::mongo::events::EventRecord;
-use crate::mongo::shadows::Shadow;
+use crate::mongo::shadows::{shadow_record, Shadow, MAX_SHADOW_RECORD_BYTES};
 use crate::mongo::{Store, StoreError};
 use crate::ops::metrics;
 
@@ -122,6 +122,8 @@ impl Appender {
         let mut events: Vec<EventRecord> = Vec::new();
         let mut dirty: Vec<String> = Vec::new();
         let mut dead = Vec::new();
+        // The stored form of each changed shadow (the latest one per document).
+        let mut records: HashMap<String, RawDocumentBuf> = HashMap::new();
         let mut seq = self.checkpoint.seq;
         let diff_timer = m.diff_duration.with_label_values(&[&stream]);
         for c in changes {
@@ -129,6 +131,27 @@ impl Appender {
             let current = working.get(&c.doc_key).and_then(Option::as_ref);
             let outcome = step(&stream, current, c, &self.fields, self.max_event_bytes);
             diff_timer.observe(t.elapsed().as_secs_f64());
+            // The shadow must be storable too, or the stream could not go past this change.
+            let outcome = match outcome {
+                Outcome::Event(ev, shadow) => match shadow_record(&stream, &c.doc_key, &shadow) {
+                    Ok(r) if r.as_bytes().len() <= MAX_SHADOW_RECORD_BYTES => {
+                        records.insert(c.doc_key.clone(), r);
+                        Outcome::Event(ev, shadow)
+                    }
+                    Ok(r) => Outcome::DeadLetter {
+                        reason: "too_large",
+                        detail: format!(
+                            "the document's shadow would be {} bytes, more than MongoDB stores ({MAX_SHADOW_RECORD_BYTES}); the next change of this document that fits will carry it",
+                            r.as_bytes().len()
+                        ),
+                    },
+                    Err(e) => Outcome::DeadLetter {
+                        reason: "unserialisable",
+                        detail: e.to_string(),
+                    },
+                },
+                other => other,
+            };
             match outcome {
                 Outcome::Event(mut ev, shadow) => {
                     seq += 1;
@@ -154,11 +177,9 @@ impl Appender {
         let append_timer = Instant::now();
         if !events.is_empty() {
             self.store.append_events(&events).await?;
-            let shadows: Vec<(String, Shadow)> = dirty
-                .iter()
-                .filter_map(|k| working.get(k).cloned().flatten().map(|s| (k.clone(), s)))
-                .collect();
-            self.store.save_shadows(&stream, &shadows).await?;
+            let shadows: Vec<RawDocumentBuf> =
+                dirty.iter().filter_map(|k| records.remove(k)).collect();
+            self.store.save_shadow_records(shadows).await?;
         }
         for (c, reason, detail) in &dead {
             self.store
