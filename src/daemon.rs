@@ -138,6 +138,10 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
     let compaction_task = crate::compaction::spawn(&config, store.clone(), shutdown.clone());
 
     let holder = config.lease.holder();
+    // Every stream counts for readiness from the start, not only once its worker runs.
+    for s in &config.streams {
+        health.set_role(&s.name(), crate::ops::health::StreamRole::Starting);
+    }
     let mut workers = Vec::new();
     for s in &config.streams {
         let worker = StreamWorker {

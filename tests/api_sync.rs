@@ -504,6 +504,7 @@ async fn document_events_state_and_write_checkpoint() {
     let id = bson::oid::ObjectId::new();
     sc.find_one_and_upsert(doc! { "_id": id, "gold": 10_i64, "xp": 0, "level": 1 }).await.unwrap();
     let mut states = vec![sc.find_one(id).await.unwrap().unwrap()];
+    wait_head(&e.api, &e.stream, 1).await;
     sc.find_one_and_update(id, |d| {
         d.insert("gold", 60_i64);
         d.insert("xp", 250);
@@ -511,6 +512,7 @@ async fn document_events_state_and_write_checkpoint() {
     .await
     .unwrap();
     states.push(sc.find_one(id).await.unwrap().unwrap());
+    wait_head(&e.api, &e.stream, 2).await;
     let up = sc.find_one_and_update(id, |d| {
         d.insert("level", 2);
         d.insert("at", bson::DateTime::from_millis(1_700_000_000_000));
@@ -608,22 +610,26 @@ async fn compaction_respects_acknowledgements_and_the_hard_limit() {
     .await;
     let s = e.stream.clone();
     // A registered client that holds nothing pins every event.
-    let (st, _) = e.api.put("/v1/clients/pinned", json!({ "vector": { "streams": [ { "stream": s, "position": 0 } ] } })).await;
+    let (st, v) = e.api.put("/v1/clients/pinned", json!({ "vector": { "streams": [ { "stream": s, "position": 0 } ] } })).await;
     assert_eq!(st, 201);
+    assert_eq!(v["vector"]["streams"][0]["position"], 0);
     let sc = eventsync::client::SyncCollection::<Document>::new(
         e.coll.clone(),
         eventsync::client::ClientOptions::new("w"),
     )
     .unwrap();
+    // One event per write: each write waits for its event (a lookup may otherwise cover
+    // several writes with one event).
     sc.find_one_and_upsert(doc! { "_id": "hero", "gold": 0 }).await.unwrap();
+    wait_head(&e.api, &s, 1).await;
     for i in 1..=3 {
         sc.find_one_and_update("hero", |d| {
             d.insert("gold", i);
         })
         .await
         .unwrap();
+        wait_head(&e.api, &s, 1 + i as i64).await;
     }
-    wait_converged(&e.client, &e.event_db, &e.coll, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(read_log(&e.client, &e.event_db, &s).await.len(), 4, "compaction removed unacknowledged events");
 
@@ -659,8 +665,8 @@ async fn compaction_respects_acknowledgements_and_the_hard_limit() {
         })
         .await
         .unwrap();
+        wait_head(&e.api, &s, 1 + i as i64).await;
     }
-    wait_converged_compacted(&e, 11).await;
     let (client, event_db, st) = (e.client.clone(), e.event_db.clone(), s.clone());
     wait_for("hard limit", Duration::from_secs(20), || {
         let (client, event_db, st) = (client.clone(), event_db.clone(), st.clone());
@@ -681,9 +687,9 @@ async fn compaction_respects_acknowledgements_and_the_hard_limit() {
 }
 
 /// Waits until the log's head reaches `head` (compaction may have removed earlier events).
-async fn wait_converged_compacted(e: &Env, head: i64) {
-    let api = e.api.clone();
-    let s = e.stream.clone();
+async fn wait_head(api: &Api, stream: &str, head: i64) {
+    let api = api.clone();
+    let s = stream.to_owned();
     wait_for("log head", Duration::from_secs(30), || {
         let (api, s) = (api.clone(), s.clone());
         async move { (api.head(&s).await >= head).then_some(()) }

@@ -510,6 +510,7 @@ async fn metrics_are_valid_and_move_with_the_load() {
     spec.holder = "test-standby".into();
     let standby = Daemon::start(&spec);
     let ready = wait_ready(&standby, Duration::from_secs(60)).await;
+    // Ready means every stream started: this one waits for the lease.
     assert_eq!(ready["streams"][&stream]["role"], "standing_by", "{ready}");
     let text = scrape(&standby).await;
     let p = &parse_expositions(&[text])[0];
@@ -552,7 +553,7 @@ fn password_uri(password: &str) -> String {
 
 async fn send_with_token(d: &Daemon, token: &str) {
     let c = http();
-    for path in ["/v1/streams", "/v1/events?after=0", "/healthz"] {
+    for path in ["/v1/streams", "/v1/clients", "/v1/no-such-route"] {
         let _ = c
             .get(format!("{}{path}", d.sync_url()))
             .bearer_auth(token)
@@ -644,6 +645,45 @@ async fn json_logs_parse_and_carry_no_token() {
     })
     .await;
     send_with_token(&daemon, TOKEN).await;
+    // The sync API's requests are counted by route template, method and status.
+    let p = &parse_expositions(&[scrape(&daemon).await])[0];
+    check_conventions(p);
+    let ok = sum(
+        p,
+        "eventsync_http_requests_total",
+        &[
+            ("route", "/v1/streams"),
+            ("method", "GET"),
+            ("status", "200"),
+        ],
+    );
+    assert!(ok.unwrap_or(0.0) >= 1.0, "no 200 on /v1/streams counted");
+    let refused: f64 = p
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["name"] == "eventsync_http_requests")
+        .flat_map(|f| f["samples"].as_array().unwrap().iter())
+        .filter(|s| {
+            s["labels"]["status"]
+                .as_str()
+                .is_some_and(|c| c.starts_with('4'))
+        })
+        .map(|s| s["value"].as_f64().unwrap())
+        .sum();
+    assert!(
+        refused >= 3.0,
+        "wrong tokens must be counted as 4xx, got {refused}"
+    );
+    assert!(
+        sum(
+            p,
+            "eventsync_http_request_duration_seconds_count",
+            &[("route", "/v1/streams")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
     let status = daemon.terminate(Duration::from_secs(20));
     assert!(
         status.is_some_and(|s| s.success()),

@@ -114,6 +114,7 @@ pub async fn missing(
     if let Some(id) = &req.client_id {
         super::model::check_client_id(id)?;
     }
+    let cursor = req.cursor.as_deref().map(decode_cursor).transpose()?;
     let client = match &req.client_id {
         Some(id) => app.store().get_client(id).await?,
         None => None,
@@ -132,7 +133,6 @@ pub async fn missing(
             ))
         }
     };
-    let cursor = req.cursor.as_deref().map(decode_cursor).transpose()?;
     let heads = match &cursor {
         Some(c) => c.h.clone(),
         None => {

@@ -103,13 +103,18 @@ impl Health {
         }
     }
 
-    /// Ready: MongoDB reachable, every stream consuming or standing by, lag under bound.
+    /// Ready: MongoDB reachable, streams started, every stream consuming or standing by,
+    /// lag under bound.
     pub fn readiness(&self) -> (bool, serde_json::Value) {
         let mongo = self.mongo_ok.load(Ordering::Relaxed);
         let streams = self.lock().clone();
         let mut problems = Vec::new();
         if !mongo {
             problems.push("mongodb unreachable".to_owned());
+        }
+        if streams.is_empty() {
+            // A configuration always has a stream: none yet means they have not started.
+            problems.push("streams not started yet".to_owned());
         }
         for (name, s) in &streams {
             match s.role {
@@ -167,4 +172,61 @@ pub fn router(health: Arc<Health>) -> Router {
 /// Binds the operations port.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(text: &str, name: &str, stream: &str) -> Option<f64> {
+        let prefix = format!("{name}{{stream=\"{stream}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(|v| v.parse().expect("a number"))
+    }
+
+    #[test]
+    fn lease_held_follows_the_role_and_checkpoint_age_is_computed_when_scraped() {
+        let m = metrics();
+        let h = Health::new(60.0);
+        let s = "unit_health.items";
+        h.set_mongo(true);
+        assert!(!h.readiness().0, "not ready before the streams start");
+
+        h.set_role(s, StreamRole::StandingBy);
+        let text = m.render();
+        assert_eq!(sample(&text, "eventsync_lease_held", s), Some(0.0));
+        assert_eq!(
+            sample(&text, "eventsync_lease_acquisitions_total", s),
+            Some(0.0)
+        );
+        assert!(h.readiness().0, "standing by is ready");
+
+        h.set_role(s, StreamRole::Consuming);
+        m.checkpoint_timestamp
+            .with_label_values(&[s])
+            .set(unix_now() - 42.0);
+        m.change_stream_lag.with_label_values(&[s]).set(0.5);
+        let text = m.render();
+        assert_eq!(sample(&text, "eventsync_lease_held", s), Some(1.0));
+        let age = sample(&text, "eventsync_checkpoint_age_seconds", s).expect("age");
+        assert!((42.0..45.0).contains(&age), "age {age}");
+
+        // Lost the lease: 0, and no consumer-only series left behind.
+        h.set_role(s, StreamRole::Failed);
+        let text = m.render();
+        assert_eq!(sample(&text, "eventsync_lease_held", s), Some(0.0));
+        assert_eq!(sample(&text, "eventsync_checkpoint_age_seconds", s), None);
+        assert_eq!(
+            sample(&text, "eventsync_change_stream_lag_seconds", s),
+            None
+        );
+        assert!(!h.readiness().0, "a failed stream is not ready");
+
+        h.set_mongo(false);
+        assert!(m
+            .render()
+            .lines()
+            .any(|l| l == "eventsync_mongodb_reachable 0"));
+    }
 }

@@ -175,12 +175,8 @@ impl Appender {
         }
 
         let append_timer = Instant::now();
-        if !events.is_empty() {
-            self.store.append_events(&events).await?;
-            let shadows: Vec<RawDocumentBuf> =
-                dirty.iter().filter_map(|k| records.remove(k)).collect();
-            self.store.save_shadow_records(shadows).await?;
-        }
+        // Dead letters first: a crash after the events would resume past their changes
+        // (recovery moves the checkpoint to the last event), and they would be lost.
         for (c, reason, detail) in &dead {
             self.store
                 .dead_letter(&stream, Some(&c.doc_id), c.token.as_ref(), reason, detail)
@@ -188,6 +184,12 @@ impl Appender {
             m.dead_letters
                 .with_label_values(&[stream.as_str(), reason])
                 .inc();
+        }
+        if !events.is_empty() {
+            self.store.append_events(&events).await?;
+            let shadows: Vec<RawDocumentBuf> =
+                dirty.iter().filter_map(|k| records.remove(k)).collect();
+            self.store.save_shadow_records(shadows).await?;
         }
         let next = Checkpoint {
             token: token.or_else(|| self.checkpoint.token.clone()),

@@ -248,7 +248,8 @@ impl StreamWorker {
                         return Err(WorkerError::ReaderStopped);
                     }
                     let drained: Vec<Item> = std::mem::take(&mut items);
-                    self.handle(&mut appender, drained).await?;
+                    let batch = info_span!("batch", items = n, seq = appender.checkpoint.seq);
+                    self.handle(&mut appender, drained).instrument(batch).await?;
                     let age = (DateTime::now().timestamp_millis() - appender.checkpoint.updated_at.timestamp_millis()) as f64 / 1000.0;
                     m.checkpoint_age.with_label_values(&[&self.name]).set(age.max(0.0));
                 }

@@ -1,0 +1,867 @@
+//! `eventsync-bench`: measures the daemon against a MongoDB server in one run.
+//!
+//! Phases (each on collections of its own, in a database dropped at the end):
+//!
+//! 1. **raw**: a bare driver loop opens a change stream (`fullDocument: updateLookup`), the
+//!    write load runs (thin client: inserts, then compare-and-swap updates), and the loop
+//!    reads the whole backlog as fast as it can — the physical read limit of this setup.
+//! 2. **daemon**: the built `eventsyncd` (a child process) is stopped at its checkpoint,
+//!    the same load is written, the daemon is started again and catches up; its rate in
+//!    change events per second over the same backlog, against the raw rate, is the ratio.
+//!    CPU (utime + stime) of the catch-up gives events per CPU-second.
+//! 3. **latency**: a paced load (target `--rate` writes/s) while the daemon runs live;
+//!    write → appended (the event's `appended_at`) and write → live subscriber (an SSE
+//!    subscription on `/v1/streams/{stream}/live`, or tailing the events collection when the
+//!    sync API has no live endpoint), p50/p99/max from the start of each write.
+//! 4. **tracking**: `--track-docs` small documents exist before a fresh daemon starts; its
+//!    initial sync takes them all, then live updates touch them; peak and final RSS.
+//!
+//! Prints a table and writes the figures as JSON (`--out`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bson::{doc, Bson, Document, RawDocumentBuf};
+use clap::Parser;
+use eventsync::client::{ClientOptions as SyncOptions, SyncCollection};
+use futures_util::{StreamExt, TryStreamExt};
+use mongodb::options::FullDocumentType;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::Mutex;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Result<T, E = BoxError> = std::result::Result<T, E>;
+
+/// Benchmarks eventsyncd: raw change-stream rate vs daemon append rate, latencies, memory.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+struct Args {
+    /// MongoDB URI (a replica set, or the test server).
+    #[arg(long, env = "EVENTSYNC_TEST_MONGODB_URI")]
+    uri: String,
+    /// Documents of the throughput load.
+    #[arg(long, default_value_t = 2000)]
+    docs: usize,
+    /// Concurrent writers.
+    #[arg(long, default_value_t = 4)]
+    writers: usize,
+    /// Updates per document after its insert.
+    #[arg(long, default_value_t = 4)]
+    updates: usize,
+    /// Size of a small document's payload, bytes.
+    #[arg(long, default_value_t = 256)]
+    doc_size_small: usize,
+    /// Fraction of documents that are large (~100 KB).
+    #[arg(long, default_value_t = 0.02)]
+    large_fraction: f64,
+    /// Size of a large document's payload, bytes.
+    #[arg(long, default_value_t = 100 * 1024)]
+    doc_size_large: usize,
+    /// Target rate of the paced latency load, writes/s.
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Duration of the paced latency load, seconds.
+    #[arg(long, default_value_t = 10)]
+    latency_secs: u64,
+    /// Documents the paced load cycles through.
+    #[arg(long, default_value_t = 2000)]
+    latency_docs: usize,
+    /// Documents tracked in the memory phase (0: skip the phase).
+    #[arg(long, default_value_t = 100_000)]
+    track_docs: usize,
+    /// The `eventsyncd` binary (default: next to this one).
+    #[arg(long)]
+    daemon_bin: Option<PathBuf>,
+    /// Extra `[pipeline]` keys for the daemon (TOML lines).
+    #[arg(long, default_value = "")]
+    pipeline: String,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "results.json")]
+    out: PathBuf,
+    /// Keep the benchmark databases.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// p50, p99, max (and count) of a sample, in milliseconds.
+fn percentiles(mut v: Vec<f64>) -> Value {
+    if v.is_empty() {
+        return json!({ "count": 0 });
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    json!({
+        "count": v.len(),
+        "p50_ms": round(at(0.50)),
+        "p99_ms": round(at(0.99)),
+        "max_ms": round(v[v.len() - 1]),
+    })
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+// ---------------------------------------------------------------------------------------
+// The daemon as a child process.
+
+struct DaemonProc {
+    child: Child,
+    bin: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    ops_port: u16,
+    sync_port: u16,
+    token: String,
+}
+
+impl DaemonProc {
+    fn write_config(
+        dir: &Path,
+        uri: &str,
+        event_db: &str,
+        streams: &[(String, String)],
+        pipeline: &str,
+    ) -> Result<(PathBuf, u16, u16, String)> {
+        let ops_port = free_port()?;
+        let sync_port = free_port()?;
+        let token = "bench-token-0123456789abcdef".to_owned();
+        let mut text = format!("[mongodb]\nuri = {uri:?}\nevent_database = {event_db:?}\n\n");
+        for (db, coll) in streams {
+            text += &format!("[[streams]]\ndatabase = {db:?}\ncollection = {coll:?}\n\n");
+        }
+        text += &format!("[pipeline]\n{pipeline}\n\n");
+        text += &format!(
+            "[lease]\nttl_ms = 3000\nrenew_ms = 1000\nholder_id = \"bench\"\n\n\
+             [sync]\nlisten = \"127.0.0.1:{sync_port}\"\ntokens = [{token:?}]\ntail_poll_ms = 50\n\n\
+             [ops]\nlisten = \"127.0.0.1:{ops_port}\"\n\n[log]\nlevel = \"warn\"\n"
+        );
+        let config = dir.join(format!("bench-{ops_port}.toml"));
+        std::fs::write(&config, text)?;
+        Ok((config, ops_port, sync_port, token))
+    }
+
+    fn start(bin: &Path, config: PathBuf, ops_port: u16, sync_port: u16, token: String) -> Result<Self> {
+        let log = config.with_extension("log");
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        Ok(Self {
+            child,
+            bin: bin.to_owned(),
+            config,
+            log,
+            ops_port,
+            sync_port,
+            token,
+        })
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        let next = Self::start(
+            &self.bin,
+            self.config.clone(),
+            self.ops_port,
+            self.sync_port,
+            self.token.clone(),
+        )?;
+        *self = next;
+        Ok(())
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM and wait (the daemon stores its checkpoint and releases the lease).
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// (VmHWM, VmRSS) in KiB.
+    fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmHWM:"), field("VmRSS:"))
+    }
+
+    /// utime + stime, seconds.
+    fn cpu_secs(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the command name (which is in parentheses and may contain spaces).
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // utime and stime are fields 14 and 15 of the line; 12 and 13 after the name.
+        (ticks(11) + ticks(12)) / clock_ticks()
+    }
+
+    async fn metrics(&self) -> String {
+        http_get(self.ops_port, "/metrics", None).await.unwrap_or_default()
+    }
+
+    /// Change events the daemon has finished with (appended, skipped, dead-lettered).
+    async fn done_changes(&self, stream: &str) -> u64 {
+        let text = self.metrics().await;
+        let label = format!("stream=\"{stream}\"");
+        text.lines()
+            .filter(|l| {
+                (l.starts_with("eventsync_events_appended_total{")
+                    || l.starts_with("eventsync_changes_skipped_total{")
+                    || l.starts_with("eventsync_dead_letters_total{"))
+                    && l.contains(&label)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// A minimal HTTP/1.0 GET (the body is delimited by the connection's end).
+async fn http_get(port: u16, path: &str, token: Option<&str>) -> Result<String> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf);
+    Ok(text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+/// Waits until the daemon's first checkpoint of `stream` (the change stream is open).
+async fn wait_streaming(client: &mongodb::Client, event_db: &str, stream: &str, daemon: &DaemonProc) -> Result<()> {
+    let cps = client.database(event_db).collection::<Document>("checkpoints");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if cps
+            .find_one(doc! { "_id": stream, "resync_pending": false })
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("daemon did not start streaming {stream}:\n{}", daemon.log_tail()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the daemon finished `target` change events of `stream`; returns the time
+/// from the first progress to the end, and the CPU seconds the daemon spent meanwhile.
+async fn wait_done(daemon: &DaemonProc, stream: &str, target: u64, timeout: Duration) -> Result<(f64, f64, f64)> {
+    let start = Instant::now();
+    let cpu0 = daemon.cpu_secs();
+    let mut first: Option<Instant> = None;
+    loop {
+        let done = daemon.done_changes(stream).await;
+        if done > 0 && first.is_none() {
+            first = Some(Instant::now());
+        }
+        if done >= target {
+            let end = Instant::now();
+            let busy = end.duration_since(first.unwrap_or(start)).as_secs_f64();
+            return Ok((busy, end.duration_since(start).as_secs_f64(), daemon.cpu_secs() - cpu0));
+        }
+        if start.elapsed() > timeout {
+            return Err(format!(
+                "daemon finished {done} of {target} changes of {stream} in {timeout:?}:\n{}",
+                daemon.log_tail()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The write load.
+
+fn payload(size: usize, seed: usize) -> String {
+    let mut s = String::with_capacity(size);
+    let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut x = seed as u64 * 2_654_435_761 + 1;
+    while s.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.push(alphabet[(x % alphabet.len() as u64) as usize] as char);
+    }
+    s
+}
+
+/// Inserts documents `0..docs` and updates each `updates` times, through the thin client,
+/// with `writers` concurrent writers. Returns (successful writes, seconds).
+async fn write_load(coll: &mongodb::Collection<Document>, a: &Args) -> Result<(u64, f64)> {
+    let start = Instant::now();
+    let large_every = if a.large_fraction > 0.0 {
+        (1.0 / a.large_fraction).round().max(1.0) as usize
+    } else {
+        usize::MAX
+    };
+    let mut tasks = Vec::new();
+    for w in 0..a.writers {
+        let coll = coll.clone();
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = SyncCollection::<Document>::new(coll, SyncOptions::new(format!("bench-{w}")))?;
+            let mut ok = 0u64;
+            let mine: Vec<usize> = (0..a.docs).filter(|i| i % a.writers == w).collect();
+            for &i in &mine {
+                let size = if i % large_every == large_every - 1 { a.doc_size_large } else { a.doc_size_small };
+                client
+                    .find_one_and_upsert(doc! {
+                        "_id": i as i64, "kind": "bench", "n": 0_i32, "at": bson::DateTime::now(),
+                        "tags": ["a", "b"], "payload": payload(size, i),
+                    })
+                    .await?;
+                ok += 1;
+            }
+            for u in 0..a.updates {
+                for &i in &mine {
+                    client
+                        .update_one(i as i64, doc! { "$set": { "n": (u + 1) as i32, "note": format!("update {u}") } })
+                        .await?;
+                    ok += 1;
+                }
+            }
+            Ok::<u64, BoxError>(ok)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok((total, start.elapsed().as_secs_f64()))
+}
+
+// ---------------------------------------------------------------------------------------
+// Phases.
+
+/// Phase 1: the bare change-stream read rate of the load's backlog.
+async fn raw_phase(db: &mongodb::Database, a: &Args) -> Result<Value> {
+    let coll = db.collection::<Document>("raw");
+    let mut stream = coll
+        .watch()
+        .full_document(FullDocumentType::UpdateLookup)
+        .batch_size(256)
+        .max_await_time(Duration::from_millis(200))
+        .await?
+        .with_type::<RawDocumentBuf>();
+    // Make sure the stream is established before writing (the first getMore).
+    let _ = stream.next_if_any().await?;
+    let (writes, write_secs) = write_load(&coll, a).await?;
+    let start = Instant::now();
+    let mut read = 0u64;
+    let mut bytes = 0u64;
+    while read < writes {
+        match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+            Ok(Some(ev)) => {
+                let ev = ev?;
+                bytes += ev.as_bytes().len() as u64;
+                read += 1;
+            }
+            _ => return Err(format!("raw reader stopped after {read} of {writes} changes").into()),
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(json!({
+        "writes": writes,
+        "write_secs": round(write_secs),
+        "write_rate_per_s": round(writes as f64 / write_secs),
+        "changes_read": read,
+        "read_secs": round(secs),
+        "read_rate_per_s": round(read as f64 / secs),
+        "read_mib_per_s": round(bytes as f64 / secs / 1048576.0),
+    }))
+}
+
+/// Phase 2: the daemon catching up on the same backlog.
+async fn daemon_phase(client: &mongodb::Client, db: &mongodb::Database, event_db: &str, daemon: &mut DaemonProc, a: &Args) -> Result<Value> {
+    let stream = format!("{}.tput", db.name());
+    let coll = db.collection::<Document>("tput");
+    wait_streaming(client, event_db, &stream, daemon).await?;
+    daemon.stop();
+    let (writes, write_secs) = write_load(&coll, a).await?;
+    daemon.restart()?;
+    let (busy, total, cpu) = wait_done(daemon, &stream, writes, Duration::from_secs(600)).await?;
+    let events = client
+        .database(event_db)
+        .collection::<Document>("events")
+        .count_documents(doc! { "stream": &stream })
+        .await?;
+    let (hwm, rss) = daemon.memory_kib();
+    Ok(json!({
+        "writes": writes,
+        "write_secs": round(write_secs),
+        "changes_done": writes,
+        "events_appended": events,
+        "catch_up_secs": round(busy),
+        "catch_up_secs_incl_start": round(total),
+        "rate_changes_per_s": round(writes as f64 / busy),
+        "rate_events_per_s": round(events as f64 / busy),
+        "cpu_secs": round(cpu),
+        "changes_per_cpu_sec": round(writes as f64 / cpu.max(0.01)),
+        "events_per_cpu_sec": round(events as f64 / cpu.max(0.01)),
+        "rss_kib": rss,
+        "hwm_kib": hwm,
+    }))
+}
+
+/// The live subscriber: SSE when the daemon serves it, else tailing the events collection.
+/// Records the wall-clock time (µs) each `(doc key, to_version)` was seen.
+type Seen = Arc<Mutex<Vec<(String, i64, i64)>>>;
+
+async fn subscribe_sse(daemon_port: u16, token: String, stream: String, seen: Seen) -> Result<()> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", daemon_port)).await?;
+    s.set_nodelay(true)?;
+    s.write_all(
+        format!(
+            "GET /v1/streams/{stream}/live?after=0 HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut lines = BufReader::new(s).lines();
+    let status = lines.next_line().await?.unwrap_or_default();
+    if !status.contains(" 200") {
+        return Err(format!("live endpoint answered {status:?}").into());
+    }
+    while let Some(l) = lines.next_line().await? {
+        if l.is_empty() {
+            break; // end of headers
+        }
+    }
+    while let Some(l) = lines.next_line().await? {
+        if let Some(data) = l.strip_prefix("data:") {
+            let at = now_micros();
+            if let Ok(v) = serde_json::from_str::<Value>(data.trim()) {
+                if let (Some(k), Some(t)) = (v["key"].as_str(), v["to_version"].as_i64()) {
+                    seen.lock().await.push((k.to_owned(), t, at));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn subscribe_tail(events: mongodb::Collection<Document>, stream: String, seen: Seen) -> Result<()> {
+    let mut after = 0i64;
+    loop {
+        let docs: Vec<Document> = events
+            .find(doc! { "stream": &stream, "seq": { "$gt": after } })
+            .sort(doc! { "seq": 1 })
+            .limit(1000)
+            .projection(doc! { "seq": 1, "doc_key": 1, "to_version": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        let at = now_micros();
+        if docs.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
+        let mut s = seen.lock().await;
+        for d in docs {
+            after = eventsync::mongo::get_int(&d, "seq").unwrap_or(after);
+            if let (Ok(k), Some(t)) = (d.get_str("doc_key"), eventsync::mongo::get_int(&d, "to_version")) {
+                s.push((k.to_owned(), t, at));
+            }
+        }
+    }
+}
+
+/// Phase 3: paced writes while the daemon runs live.
+async fn latency_phase(client: &mongodb::Client, db: &mongodb::Database, event_db: &str, daemon: &DaemonProc, a: &Args) -> Result<Value> {
+    let stream = format!("{}.paced", db.name());
+    let coll = db.collection::<Document>("paced");
+    wait_streaming(client, event_db, &stream, daemon).await?;
+    // Documents exist first; the paced writes are compare-and-swap updates of them.
+    let writer = SyncCollection::<Document>::new(coll.clone(), SyncOptions::new("bench-paced"))?;
+    let docs: Vec<Document> = (0..a.latency_docs)
+        .map(|i| doc! { "_id": i as i64, "n": 0_i32, "payload": payload(a.doc_size_small, i), "version": 1_i64, "_origin": "bench-paced" })
+        .collect();
+    for chunk in docs.chunks(1000) {
+        coll.insert_many(chunk.to_vec()).await?;
+    }
+    wait_done(daemon, &stream, a.latency_docs as u64, Duration::from_secs(300)).await?;
+
+    let seen: Seen = Arc::new(Mutex::new(Vec::new()));
+    let probe = http_get(daemon.sync_port, &format!("/v1/streams/{stream}"), Some(&daemon.token)).await;
+    let use_sse = probe.as_deref().map(|b| b.contains(&stream)).unwrap_or(false);
+    let subscriber = if use_sse {
+        tokio::spawn(subscribe_sse(daemon.sync_port, daemon.token.clone(), stream.clone(), seen.clone()))
+    } else {
+        tokio::spawn(subscribe_tail(
+            client.database(event_db).collection("events"),
+            stream.clone(),
+            seen.clone(),
+        ))
+    };
+    // Let the subscriber catch up with the inserts.
+    let t0 = Instant::now();
+    while seen.lock().await.len() < a.latency_docs && t0.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = seen.lock().await.len();
+
+    // Open-loop schedule: write k starts at k / rate (a late write starts at once).
+    let total = a.rate * a.latency_secs;
+    let concurrency = a.writers.max(1) * 4;
+    let writes: Arc<Mutex<Vec<(String, i64, i64)>>> = Arc::new(Mutex::new(Vec::new()));
+    let write_ms: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let (writer, writes, write_ms, a) = (writer.clone_handle(), writes.clone(), write_ms.clone(), a.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut k = w as u64;
+            while k < total {
+                let due = start + Duration::from_secs_f64(k as f64 / a.rate as f64);
+                tokio::time::sleep_until(due.into()).await;
+                // Each writer owns the documents ≡ w (mod concurrency): no CAS conflicts.
+                let id = ((k as usize) % a.latency_docs) as i64;
+                let t_start = now_micros();
+                let t = Instant::now();
+                if let Ok(v) = writer.update_one(id, doc! { "$set": { "n": k as i64 } }).await {
+                    write_ms.lock().await.push(t.elapsed().as_secs_f64() * 1000.0);
+                    let key = eventsync::mongo::doc_key(&Bson::Int64(id));
+                    writes.lock().await.push((key, v, t_start));
+                }
+                k += concurrency as u64;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let write_secs = start.elapsed().as_secs_f64();
+    let writes = writes.lock().await.clone();
+    // Wait for the subscriber to see the last write.
+    let t1 = Instant::now();
+    loop {
+        let n = seen.lock().await.len() - before;
+        if n >= writes.len() || t1.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    subscriber.abort();
+
+    // Event appended_at of every (key, to_version) of the stream.
+    let events: Vec<Document> = client
+        .database(event_db)
+        .collection::<Document>("events")
+        .find(doc! { "stream": &stream })
+        .projection(doc! { "doc_key": 1, "to_version": 1, "appended_at": 1 })
+        .await?
+        .try_collect()
+        .await?;
+    let mut appended: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
+    for e in &events {
+        if let (Ok(k), Some(v), Ok(at)) = (e.get_str("doc_key"), eventsync::mongo::get_int(e, "to_version"), e.get_datetime("appended_at")) {
+            appended.entry(k.to_owned()).or_default().push((v, at.timestamp_millis() * 1000));
+        }
+    }
+    let mut subscribed: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
+    for (k, v, at) in seen.lock().await.iter() {
+        subscribed.entry(k.clone()).or_default().push((*v, *at));
+    }
+    for m in [&mut appended, &mut subscribed] {
+        for list in m.values_mut() {
+            list.sort();
+        }
+    }
+    // A write of version v is covered by the first event with to_version ≥ v (a lookup
+    // that ran ahead covers several writes with one event).
+    let covered = |m: &HashMap<String, Vec<(i64, i64)>>, key: &str, v: i64| {
+        m.get(key)
+            .and_then(|l| l.iter().find(|(to, _)| *to >= v))
+            .map(|(_, at)| *at)
+    };
+    let mut to_append = Vec::new();
+    let mut to_subscriber = Vec::new();
+    let mut missing = 0;
+    for (key, v, t_start) in &writes {
+        match covered(&appended, key, *v) {
+            Some(at) => to_append.push((at - t_start) as f64 / 1000.0),
+            None => missing += 1,
+        }
+        if let Some(at) = covered(&subscribed, key, *v) {
+            to_subscriber.push((at - t_start) as f64 / 1000.0);
+        }
+    }
+    Ok(json!({
+        "target_rate_per_s": a.rate,
+        "writes": writes.len(),
+        "achieved_rate_per_s": round(writes.len() as f64 / write_secs),
+        "write_ack": percentiles(write_ms.lock().await.clone()),
+        "write_to_appended": percentiles(to_append),
+        "write_to_subscriber": percentiles(to_subscriber),
+        "subscriber": if use_sse { "sse /v1/streams/{stream}/live" } else { "tailing the events collection (5 ms poll)" },
+        "writes_without_event": missing,
+    }))
+}
+
+/// Phase 4: RSS of a fresh daemon tracking `--track-docs` documents.
+async fn tracking_phase(client: &mongodb::Client, db: &mongodb::Database, bin: &Path, dir: &Path, a: &Args) -> Result<Value> {
+    let coll = db.collection::<Document>("track");
+    let start = Instant::now();
+    let mut batch = Vec::with_capacity(1000);
+    for i in 0..a.track_docs {
+        batch.push(doc! { "_id": i as i64, "n": 0_i32, "s": payload(64, i), "version": 1_i64, "_origin": "bench-track" });
+        if batch.len() == 1000 || i + 1 == a.track_docs {
+            coll.insert_many(std::mem::take(&mut batch)).await?;
+        }
+    }
+    let insert_secs = start.elapsed().as_secs_f64();
+    let event_db = format!("{}_tlog", db.name());
+    let stream = format!("{}.track", db.name());
+    let (config, ops, sync, token) = DaemonProc::write_config(
+        dir,
+        &a.uri,
+        &event_db,
+        &[(db.name().to_owned(), "track".to_owned())],
+        &a.pipeline,
+    )?;
+    let daemon = DaemonProc::start(bin, config, ops, sync, token)?;
+    let (busy, total, cpu) = wait_done(&daemon, &stream, a.track_docs as u64, Duration::from_secs(900)).await?;
+    let (hwm_sync, rss_sync) = daemon.memory_kib();
+    wait_streaming(client, &event_db, &stream, &daemon).await?;
+    // Live updates spread over all documents (cache misses: shadows read back).
+    let updates = 5000.min(a.track_docs);
+    let step = (a.track_docs / updates.max(1)).max(1);
+    for j in 0..updates {
+        coll.update_one(doc! { "_id": (j * step) as i64 }, doc! { "$set": { "n": 1 }, "$inc": { "version": 1_i64 } })
+            .await?;
+    }
+    wait_done(&daemon, &stream, (a.track_docs + updates) as u64, Duration::from_secs(300)).await?;
+    let (hwm, rss) = daemon.memory_kib();
+    let cpu_all = daemon.cpu_secs();
+    let _ = client.database(&event_db).drop().await.map_err(|e| eprintln!("drop {event_db}: {e}"));
+    drop(daemon);
+    Ok(json!({
+        "documents": a.track_docs,
+        "insert_secs": round(insert_secs),
+        "initial_sync_secs": round(busy),
+        "initial_sync_secs_incl_start": round(total),
+        "initial_sync_docs_per_s": round(a.track_docs as f64 / busy),
+        "initial_sync_cpu_secs": round(cpu),
+        "live_updates": updates,
+        "rss_after_initial_sync_kib": rss_sync,
+        "hwm_after_initial_sync_kib": hwm_sync,
+        "rss_after_updates_kib": rss,
+        "hwm_kib": hwm,
+        "cpu_secs_total": round(cpu_all),
+    }))
+}
+
+trait CloneHandle {
+    fn clone_handle(&self) -> Self;
+}
+
+impl CloneHandle for SyncCollection<Document> {
+    fn clone_handle(&self) -> Self {
+        SyncCollection::new(self.collection().clone(), self.options().clone()).expect("same options")
+    }
+}
+
+fn mib(kib: &Value) -> String {
+    kib.as_u64().map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+}
+
+fn table(r: &Value) {
+    let g = |p: &str| r.pointer(p).cloned().unwrap_or(Value::Null);
+    let lat = |p: &str| {
+        let v = g(p);
+        format!("p50 {} / p99 {} / max {} ms (n={})", v["p50_ms"], v["p99_ms"], v["max_ms"], v["count"])
+    };
+    let rows: Vec<(&str, String)> = vec![
+        ("machine", format!("{} cores, {}", g("/machine/cores"), g("/machine/memory").as_str().unwrap_or("?"))),
+        ("load", format!("{} docs x (1 + {} updates), {} writers, {} B small / {} B large ({:.0}% large)", g("/args/docs"), g("/args/updates"), g("/args/writers"), g("/args/doc_size_small"), g("/args/doc_size_large"), g("/args/large_fraction").as_f64().unwrap_or(0.0) * 100.0)),
+        ("write rate (thin client)", format!("{} writes/s", g("/raw/write_rate_per_s"))),
+        ("raw change-stream read", format!("{} changes/s ({} MiB/s)", g("/raw/read_rate_per_s"), g("/raw/read_mib_per_s"))),
+        ("daemon catch-up", format!("{} changes/s, {} events/s appended", g("/daemon/rate_changes_per_s"), g("/daemon/rate_events_per_s"))),
+        ("ratio daemon / raw", format!("{}", g("/ratio_daemon_to_raw"))),
+        ("daemon CPU", format!("{} changes per CPU-second ({} events)", g("/daemon/changes_per_cpu_sec"), g("/daemon/events_per_cpu_sec"))),
+        ("paced load", format!("target {} writes/s, achieved {}", g("/latency/target_rate_per_s"), g("/latency/achieved_rate_per_s"))),
+        ("write ack", lat("/latency/write_ack")),
+        ("write -> appended", lat("/latency/write_to_appended")),
+        ("write -> live subscriber", lat("/latency/write_to_subscriber")),
+        ("subscriber", g("/latency/subscriber").as_str().unwrap_or("-").to_owned()),
+        ("daemon peak RSS (phases 2-3)", mib(&g("/daemon_peak_rss_kib"))),
+        ("tracking docs", format!("{}", g("/tracking/documents"))),
+        ("initial sync", format!("{} docs/s", g("/tracking/initial_sync_docs_per_s"))),
+        ("RSS tracking (after sync / after updates / peak)", format!("{} / {} / {}", mib(&g("/tracking/rss_after_initial_sync_kib")), mib(&g("/tracking/rss_after_updates_kib")), mib(&g("/tracking/hwm_kib")))),
+    ];
+    let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(10);
+    println!();
+    for (k, v) in rows {
+        println!("{k:<w$}  {v}");
+    }
+}
+
+fn machine() -> Value {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned()))
+        .and_then(|k| k.parse::<f64>().ok())
+        .map_or("?".into(), |k| format!("{:.1} GiB RAM", k / 1048576.0));
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_default();
+    json!({ "cores": cores, "memory": mem, "cpu": cpu })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = Args::parse();
+    let bin = a.daemon_bin.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("eventsyncd")))
+            .unwrap_or_else(|| PathBuf::from("eventsyncd"))
+    });
+    if !bin.exists() {
+        return Err(format!("{} not found: build it (cargo build --release --bins) or pass --daemon-bin", bin.display()).into());
+    }
+    let mut opts = mongodb::options::ClientOptions::parse(&a.uri).await?;
+    opts.max_pool_size = Some(64);
+    let client = mongodb::Client::with_options(opts)?;
+    client.database("admin").run_command(doc! { "ping": 1 }).await?;
+    let tag = format!("{}_{:x}", std::process::id(), now_micros() & 0xffff);
+    let app_db = format!("bench_{tag}");
+    let event_db = format!("bench_{tag}_log");
+    let db = client.database(&app_db);
+    let dir = std::env::temp_dir().join(format!("eventsync-bench-{tag}"));
+    std::fs::create_dir_all(&dir)?;
+    let mut results = BTreeMap::<String, Value>::new();
+    results.insert("machine".into(), machine());
+    results.insert(
+        "args".into(),
+        json!({
+            "docs": a.docs, "writers": a.writers, "updates": a.updates,
+            "doc_size_small": a.doc_size_small, "doc_size_large": a.doc_size_large,
+            "large_fraction": a.large_fraction, "rate": a.rate, "latency_secs": a.latency_secs,
+            "track_docs": a.track_docs, "pipeline": a.pipeline,
+        }),
+    );
+
+    let outcome: Result<()> = async {
+        eprintln!("phase 1/4: raw change-stream read rate");
+        let raw = raw_phase(&db, &a).await?;
+        eprintln!("  {raw}");
+        let (config, ops, sync, token) = DaemonProc::write_config(
+            &dir,
+            &a.uri,
+            &event_db,
+            &[(app_db.clone(), "tput".into()), (app_db.clone(), "paced".into())],
+            &a.pipeline,
+        )?;
+        let mut daemon = DaemonProc::start(&bin, config, ops, sync, token)?;
+        eprintln!("phase 2/4: daemon catch-up on the same load");
+        let d = daemon_phase(&client, &db, &event_db, &mut daemon, &a).await?;
+        eprintln!("  {d}");
+        let ratio = d["rate_changes_per_s"].as_f64().unwrap_or(0.0) / raw["read_rate_per_s"].as_f64().unwrap_or(1.0);
+        results.insert("ratio_daemon_to_raw".into(), json!(round(ratio)));
+        results.insert("raw".into(), raw);
+        results.insert("daemon".into(), d);
+        eprintln!("phase 3/4: paced latency");
+        let l = latency_phase(&client, &db, &event_db, &daemon, &a).await?;
+        eprintln!("  {l}");
+        results.insert("latency".into(), l);
+        results.insert("daemon_peak_rss_kib".into(), json!(daemon.memory_kib().0));
+        daemon.stop();
+        if a.track_docs > 0 {
+            eprintln!("phase 4/4: tracking {} documents", a.track_docs);
+            let t = tracking_phase(&client, &db, &bin, &dir, &a).await?;
+            eprintln!("  {t}");
+            results.insert("tracking".into(), t);
+        }
+        Ok(())
+    }
+    .await;
+    if !a.keep {
+        for name in [&app_db, &event_db] {
+            if let Err(e) = client.database(name).drop().await {
+                eprintln!("cannot drop {name}: {e}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    outcome?;
+    let results = Value::Object(results.into_iter().collect());
+    std::fs::write(&a.out, serde_json::to_string_pretty(&results)?)?;
+    table(&results);
+    println!("\nresults written to {}", a.out.display());
+    Ok(())
+}
