@@ -51,7 +51,9 @@ impl Drop for Daemon {
 }
 
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn start_daemon(uri: &str, app_db: &str, event_db: &str) -> Result<(Daemon, String), Error> {
@@ -78,7 +80,9 @@ fn start_daemon(uri: &str, app_db: &str, event_db: &str) -> Result<(Daemon, Stri
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .map_err(|e| format!("cannot start {bin} (build it with `cargo build --bin eventsyncd`): {e}"))?;
+        .map_err(|e| {
+            format!("cannot start {bin} (build it with `cargo build --bin eventsyncd`): {e}")
+        })?;
     Ok((Daemon(child), format!("http://127.0.0.1:{sync_port}")))
 }
 
@@ -138,13 +142,17 @@ async fn main() -> Result<(), Error> {
     let event_db = format!("seed_events_{}", std::process::id());
     let stream = format!("{app_db}.game_states");
     let mongo = mongodb::Client::with_uri_str(&uri).await?;
-    let coll = mongo.database(&app_db).collection::<Document>("game_states");
+    let coll = mongo
+        .database(&app_db)
+        .collection::<Document>("game_states");
 
     let (_daemon, base) = start_daemon(&uri, &app_db, &event_db)?;
     let http = reqwest::Client::new();
     let token = "seed-scenario-token-123";
     let call = |method: reqwest::Method, path: String, body: Option<Value>| {
-        let mut r = http.request(method, format!("{base}{path}")).bearer_auth(token);
+        let mut r = http
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(token);
         if let Some(b) = body {
             r = r.json(&b);
         }
@@ -159,7 +167,10 @@ async fn main() -> Result<(), Error> {
         }
     };
     let started = Instant::now();
-    while call(reqwest::Method::GET, "/v1/streams".into(), None).await.is_err() {
+    while call(reqwest::Method::GET, "/v1/streams".into(), None)
+        .await
+        .is_err()
+    {
         if started.elapsed() > Duration::from_secs(30) {
             return Err("the daemon did not come up within 30 s".into());
         }
@@ -168,7 +179,8 @@ async fn main() -> Result<(), Error> {
     println!("daemon up at {base}, watching {stream}");
 
     // 1. The game server writes through the thin client.
-    let games = SyncCollection::<GameState>::new(coll.clone(), ClientOptions::new("game-server-1"))?;
+    let games =
+        SyncCollection::<GameState>::new(coll.clone(), ClientOptions::new("game-server-1"))?;
     let head = |min: i64| {
         let call = &call;
         let stream = stream.clone();
@@ -198,7 +210,10 @@ async fn main() -> Result<(), Error> {
         })
         .await?;
     assert_eq!(how, Upserted::Created);
-    println!("created  v{}: gold {} xp {} level {}", state.version, state.gold, state.experience, state.level);
+    println!(
+        "created  v{}: gold {} xp {} level {}",
+        state.version, state.gold, state.experience, state.level
+    );
     head(1).await?;
     let u = games
         .find_one_and_update("player-1", |g| {
@@ -206,7 +221,11 @@ async fn main() -> Result<(), Error> {
             g.experience += 1200;
         })
         .await?;
-    println!("updated  v{}: patch {}", u.version, serde_json::to_string(&u.patch)?);
+    println!(
+        "updated  v{}: patch {}",
+        u.version,
+        serde_json::to_string(&u.patch)?
+    );
     head(2).await?;
     let u = games
         .find_one_and_update("player-1", |g| {
@@ -214,11 +233,20 @@ async fn main() -> Result<(), Error> {
             g.inventory.push("shield".into());
         })
         .await?;
-    println!("level-up v{}: patch {}", u.version, serde_json::to_string(&u.patch)?);
+    println!(
+        "level-up v{}: patch {}",
+        u.version,
+        serde_json::to_string(&u.patch)?
+    );
     head(3).await?;
 
     // 2. A sync client registers and asks for what it is missing: it holds nothing.
-    call(reqwest::Method::PUT, "/v1/clients/tablet-1".into(), Some(json!({ "description": "seed scenario" }))).await?;
+    call(
+        reqwest::Method::PUT,
+        "/v1/clients/tablet-1".into(),
+        Some(json!({ "description": "seed scenario" })),
+    )
+    .await?;
     let mut held = Held::default();
     let mut cursor: Option<String> = None;
     let positions = loop {
@@ -234,7 +262,12 @@ async fn main() -> Result<(), Error> {
         )
         .await?;
         for item in page["items"].as_array().into_iter().flatten() {
-            println!("  missing {} seq {}: {}", item["kind"], item["seq"], item.get("patch").unwrap_or(&item["document"]));
+            println!(
+                "  missing {} seq {}: {}",
+                item["kind"],
+                item["seq"],
+                item.get("patch").unwrap_or(&item["document"])
+            );
             held.apply(item)?;
         }
         if page["has_more"] != true {
@@ -242,10 +275,20 @@ async fn main() -> Result<(), Error> {
         }
         cursor = page["next_cursor"].as_str().map(str::to_owned);
     };
-    let actual = coll.find_one(bson::doc! { "_id": "player-1" }).await?.ok_or("document missing")?;
+    let actual = coll
+        .find_one(bson::doc! { "_id": "player-1" })
+        .await?
+        .ok_or("document missing")?;
     let mine = held.doc.clone().ok_or("sync client holds no document")?;
-    assert_eq!(bytes(&mine), bytes(&actual), "sync client differs from MongoDB");
-    println!("sync client reached MongoDB's state exactly at version {}: {mine}", held.version);
+    assert_eq!(
+        bytes(&mine),
+        bytes(&actual),
+        "sync client differs from MongoDB"
+    );
+    println!(
+        "sync client reached MongoDB's state exactly at version {}: {mine}",
+        held.version
+    );
 
     // 3. It acknowledges its vector (UpdateVectorClock).
     let acked = call(
@@ -271,9 +314,15 @@ async fn main() -> Result<(), Error> {
             g.inventory.push("potion".into());
         })
         .await?;
-    println!("quest    v{}: patch {}", u.version, serde_json::to_string(&u.patch)?);
+    println!(
+        "quest    v{}: patch {}",
+        u.version,
+        serde_json::to_string(&u.patch)?
+    );
     let mut buf = String::new();
-    'read: while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), body.next()).await? {
+    'read: while let Some(chunk) =
+        tokio::time::timeout(Duration::from_secs(30), body.next()).await?
+    {
         buf.push_str(&String::from_utf8_lossy(&chunk?));
         while let Some(end) = buf.find("\n\n") {
             let block: String = buf.drain(..end + 2).collect();
@@ -286,7 +335,10 @@ async fn main() -> Result<(), Error> {
             }
         }
     }
-    let actual = coll.find_one(bson::doc! { "_id": "player-1" }).await?.ok_or("document missing")?;
+    let actual = coll
+        .find_one(bson::doc! { "_id": "player-1" })
+        .await?
+        .ok_or("document missing")?;
     assert_eq!(bytes(held.doc.as_ref().ok_or("gone")?), bytes(&actual));
     println!(
         "live event applied {:?} after the write; sync client at version {} equals MongoDB",

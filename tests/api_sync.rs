@@ -33,9 +33,14 @@ fn start(spec: &DaemonSpec, sync_extra: &str) -> Daemon {
         q(&spec.event_db)
     );
     for (db, coll) in &spec.streams {
-        text += &format!("[[streams]]\ndatabase = {}\ncollection = {}\n\n", q(db), q(coll));
+        text += &format!(
+            "[[streams]]\ndatabase = {}\ncollection = {}\n\n",
+            q(db),
+            q(coll)
+        );
     }
-    text += "[pipeline]\nmax_await_ms = 100\nidle_checkpoint_ms = 200\nrestart_backoff_ms = 100\n\n";
+    text +=
+        "[pipeline]\nmax_await_ms = 100\nidle_checkpoint_ms = 200\nrestart_backoff_ms = 100\n\n";
     text += &format!(
         "[lease]\nttl_ms = {}\nrenew_ms = {}\nholder_id = {}\n\n",
         spec.lease_ttl_ms,
@@ -102,7 +107,10 @@ impl Api {
         let resp = r.send().await.expect("request");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     async fn get(&self, path: &str) -> (u16, Value) {
@@ -123,7 +131,11 @@ impl Api {
         wait_for("sync port", Duration::from_secs(30), || {
             let api = api.clone();
             async move {
-                let r = api.req(reqwest::Method::GET, "/v1/streams").send().await.ok()?;
+                let r = api
+                    .req(reqwest::Method::GET, "/v1/streams")
+                    .send()
+                    .await
+                    .ok()?;
                 (r.status().as_u16() == 200).then_some(())
             }
         })
@@ -184,7 +196,10 @@ struct Sse {
 
 impl Sse {
     async fn next(&mut self, timeout: Duration) -> Option<(i64, String, Value, Instant)> {
-        tokio::time::timeout(timeout, self.rx.recv()).await.ok().flatten()
+        tokio::time::timeout(timeout, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
     }
 }
 
@@ -216,7 +231,11 @@ impl Replica {
                     } else {
                         let patch: diff::Patch =
                             serde_json::from_value(item["patch"].clone()).expect("patch");
-                        let base = self.docs.get(&key).and_then(|d| d.1.clone()).unwrap_or_default();
+                        let base = self
+                            .docs
+                            .get(&key)
+                            .and_then(|d| d.1.clone())
+                            .unwrap_or_default();
                         Some(diff::apply(&base, &patch).expect("patch applies"))
                     };
                     self.docs.insert(key, (to, state));
@@ -307,12 +326,17 @@ async fn env(prefix: &str, tokens: Vec<String>, sync_extra: &str, extra: &str) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn openapi_served_equals_repo_copy_and_lists_every_route() {
     let e = env("api_oas", vec![], "", "").await;
-    let resp = reqwest::get(format!("{}/v1/openapi.json", e.api.base)).await.unwrap();
+    let resp = reqwest::get(format!("{}/v1/openapi.json", e.api.base))
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let served = resp.text().await.unwrap();
     let repo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json"))
         .expect("docs/openapi.json");
-    assert_eq!(served, repo, "the daemon serves a different OpenAPI document than docs/openapi.json: rebuild");
+    assert_eq!(
+        served, repo,
+        "the daemon serves a different OpenAPI document than docs/openapi.json: rebuild"
+    );
     let doc: Value = serde_json::from_str(&repo).unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let paths = doc["paths"].as_object().unwrap();
@@ -359,12 +383,18 @@ async fn empty_client_replays_then_follows_live_and_holds_mongos_state() {
     .await;
     let position = page["positions"][&e.stream].as_i64().unwrap();
     assert_eq!(position, replica.position);
-    assert!(replica.matches(&read_collection(&e.coll).await), "replayed state differs");
+    assert!(
+        replica.matches(&read_collection(&e.coll).await),
+        "replayed state differs"
+    );
 
     // Follows live while a second load runs.
     let mut sse = e
         .api
-        .subscribe(&format!("/v1/streams/{}/live?after={position}", e.stream), None)
+        .subscribe(
+            &format!("/v1/streams/{}/live?after={position}", e.stream),
+            None,
+        )
         .await;
     let writers: Vec<_> = (2..5)
         .map(|w| tokio::spawn(mixed_load(e.coll.clone(), w, 100, 15)))
@@ -419,32 +449,44 @@ async fn reconnect_with_last_event_id_has_no_gap_and_no_duplicate() {
         seen.push(id);
     }
     let expected: Vec<i64> = (1..=head).collect();
-    assert_eq!(seen, expected, "positions across reconnects must be exactly 1..=head");
+    assert_eq!(
+        seen, expected,
+        "positions across reconnects must be exactly 1..=head"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledge_is_monotonic_and_used_on_reconnect() {
     let e = env("api_ack", vec![], "", "").await;
     let s = &e.stream;
-    let (st, v) = e.api.put("/v1/clients/c1", json!({ "description": "phone" })).await;
+    let (st, v) = e
+        .api
+        .put("/v1/clients/c1", json!({ "description": "phone" }))
+        .await;
     assert_eq!(st, 201, "{v}");
     let (st, _) = e.api.put("/v1/clients/c1", json!({})).await;
     assert_eq!(st, 200);
-    let ack = |pos: i64, ver: i64| {
-        json!({ "streams": [ { "stream": s, "position": pos, "documents": [ { "id": "p1", "version": ver } ] } ] })
-    };
+    let ack = |pos: i64, ver: i64| json!({ "streams": [ { "stream": s, "position": pos, "documents": [ { "id": "p1", "version": ver } ] } ] });
     let (st, v) = e.api.post("/v1/clients/c1/ack", ack(10, 5)).await;
     assert_eq!(st, 200, "{v}");
     let (_, v) = e.api.post("/v1/clients/c1/ack", ack(3, 2)).await;
     let entry = &v["vector"]["streams"][0];
-    assert_eq!(entry["position"], 10, "an older vector moved the position back: {v}");
-    assert_eq!(entry["documents"][0]["version"], 5, "an older vector moved a version back: {v}");
+    assert_eq!(
+        entry["position"], 10,
+        "an older vector moved the position back: {v}"
+    );
+    assert_eq!(
+        entry["documents"][0]["version"], 5,
+        "an older vector moved a version back: {v}"
+    );
     // Concurrent acknowledgements: the result is the per-entry maximum.
     let mut tasks = Vec::new();
     for i in 0..12i64 {
         let api = e.api.clone();
         let body = ack(20 + (i * 7) % 13, 6 + (i * 5) % 11);
-        tasks.push(tokio::spawn(async move { api.post("/v1/clients/c1/ack", body).await.0 }));
+        tasks.push(tokio::spawn(async move {
+            api.post("/v1/clients/c1/ack", body).await.0
+        }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
@@ -464,7 +506,9 @@ async fn acknowledge_is_monotonic_and_used_on_reconnect() {
     )
     .unwrap();
     for i in 0..3 {
-        sc.find_one_and_upsert(doc! { "_id": format!("d{i}"), "n": i }).await.unwrap();
+        sc.find_one_and_upsert(doc! { "_id": format!("d{i}"), "n": i })
+            .await
+            .unwrap();
     }
     let api = e.api.clone();
     let stream = e.stream.clone();
@@ -473,21 +517,48 @@ async fn acknowledge_is_monotonic_and_used_on_reconnect() {
         async move { (api.head(&stream).await >= 3).then_some(()) }
     })
     .await;
-    e.api.put("/v1/clients/c2", json!({ "vector": { "streams": [ { "stream": s, "position": 1 } ] } })).await;
-    let (st, page) = e.api.post("/v1/sync/missing", json!({ "client_id": "c2" })).await;
+    e.api
+        .put(
+            "/v1/clients/c2",
+            json!({ "vector": { "streams": [ { "stream": s, "position": 1 } ] } }),
+        )
+        .await;
+    let (st, page) = e
+        .api
+        .post("/v1/sync/missing", json!({ "client_id": "c2" }))
+        .await;
     assert_eq!(st, 200, "{page}");
-    let seqs: Vec<i64> = page["items"].as_array().unwrap().iter().map(|i| i["seq"].as_i64().unwrap()).collect();
+    let seqs: Vec<i64> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["seq"].as_i64().unwrap())
+        .collect();
     assert_eq!(seqs, vec![2, 3]);
-    let (st, _) = e.api.post("/v1/sync/missing", json!({ "client_id": "nobody" })).await;
+    let (st, _) = e
+        .api
+        .post("/v1/sync/missing", json!({ "client_id": "nobody" }))
+        .await;
     assert_eq!(st, 404);
 
     // List and unregister.
     let (_, v) = e.api.get("/v1/clients").await;
-    let ids: Vec<&str> = v["clients"].as_array().unwrap().iter().map(|c| c["client_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = v["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["client_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, vec!["c1", "c2"]);
-    let (st, _) = e.api.call(reqwest::Method::DELETE, "/v1/clients/c1", None).await;
+    let (st, _) = e
+        .api
+        .call(reqwest::Method::DELETE, "/v1/clients/c1", None)
+        .await;
     assert_eq!(st, 204);
-    let (st, _) = e.api.call(reqwest::Method::DELETE, "/v1/clients/c1", None).await;
+    let (st, _) = e
+        .api
+        .call(reqwest::Method::DELETE, "/v1/clients/c1", None)
+        .await;
     assert_eq!(st, 404);
     let (st, v) = e.api.post("/v1/clients/c1/ack", ack(1, 1)).await;
     assert_eq!(st, 404, "{v}");
@@ -502,7 +573,9 @@ async fn document_events_state_and_write_checkpoint() {
     )
     .unwrap();
     let id = bson::oid::ObjectId::new();
-    sc.find_one_and_upsert(doc! { "_id": id, "gold": 10_i64, "xp": 0, "level": 1 }).await.unwrap();
+    sc.find_one_and_upsert(doc! { "_id": id, "gold": 10_i64, "xp": 0, "level": 1 })
+        .await
+        .unwrap();
     let mut states = vec![sc.find_one(id).await.unwrap().unwrap()];
     wait_head(&e.api, &e.stream, 1).await;
     sc.find_one_and_update(id, |d| {
@@ -513,19 +586,28 @@ async fn document_events_state_and_write_checkpoint() {
     .unwrap();
     states.push(sc.find_one(id).await.unwrap().unwrap());
     wait_head(&e.api, &e.stream, 2).await;
-    let up = sc.find_one_and_update(id, |d| {
-        d.insert("level", 2);
-        d.insert("at", bson::DateTime::from_millis(1_700_000_000_000));
-    })
-    .await
-    .unwrap();
+    let up = sc
+        .find_one_and_update(id, |d| {
+            d.insert("level", 2);
+            d.insert("at", bson::DateTime::from_millis(1_700_000_000_000));
+        })
+        .await
+        .unwrap();
     states.push(sc.find_one(id).await.unwrap().unwrap());
     let key = format!("{{\"$oid\":\"{id}\"}}");
-    let enc = key.replace('"', "%22").replace('{', "%7B").replace('}', "%7D").replace('$', "%24").replace(':', "%3A");
+    let enc = key
+        .replace('"', "%22")
+        .replace('{', "%7B")
+        .replace('}', "%7D")
+        .replace('$', "%24")
+        .replace(':', "%3A");
     let base = format!("/v1/streams/{}/documents/{enc}", e.stream);
 
     let api = e.api.clone();
-    let cp = format!("{base}/write-checkpoint?origin=game-1&version={}", up.version);
+    let cp = format!(
+        "{base}/write-checkpoint?origin=game-1&version={}",
+        up.version
+    );
     let v = wait_for("write checkpoint", Duration::from_secs(30), || {
         let (api, cp) = (api.clone(), cp.clone());
         async move {
@@ -537,7 +619,13 @@ async fn document_events_state_and_write_checkpoint() {
     .await;
     assert_eq!(v["status"], "reached");
     assert_eq!(v["origin_matches"], true, "{v}");
-    let (_, v) = e.api.get(&format!("{base}/write-checkpoint?origin=game-1&version={}", up.version + 5)).await;
+    let (_, v) = e
+        .api
+        .get(&format!(
+            "{base}/write-checkpoint?origin=game-1&version={}",
+            up.version + 5
+        ))
+        .await;
     assert_eq!(v["status"], "pending");
 
     let (s, v) = e.api.get(&format!("{base}/events?after=0")).await;
@@ -564,7 +652,9 @@ async fn document_events_state_and_write_checkpoint() {
 
     // Document mode: held at version 1 → two events; not held → a snapshot.
     let mut replica = Replica::default();
-    replica.docs.insert(key.clone(), (1, Some(states[0].clone())));
+    replica
+        .docs
+        .insert(key.clone(), (1, Some(states[0].clone())));
     sync_missing(
         &e.api,
         json!({ "vector": { "streams": [ { "stream": e.stream, "documents": [ { "id": { "$oid": id.to_hex() }, "version": 1 } ] } ] } }),
@@ -585,9 +675,14 @@ async fn document_events_state_and_write_checkpoint() {
     let other = "other";
     let mut sse = e
         .api
-        .subscribe(&format!("/v1/streams/{}/live?after=3&doc={enc}", e.stream), None)
+        .subscribe(
+            &format!("/v1/streams/{}/live?after=3&doc={enc}", e.stream),
+            None,
+        )
         .await;
-    sc.find_one_and_upsert(doc! { "_id": other, "n": 1 }).await.unwrap();
+    sc.find_one_and_upsert(doc! { "_id": other, "n": 1 })
+        .await
+        .unwrap();
     sc.find_one_and_update(id, |d| {
         d.insert("gold", 1_i64);
     })
@@ -610,7 +705,13 @@ async fn compaction_respects_acknowledgements_and_the_hard_limit() {
     .await;
     let s = e.stream.clone();
     // A registered client that holds nothing pins every event.
-    let (st, v) = e.api.put("/v1/clients/pinned", json!({ "vector": { "streams": [ { "stream": s, "position": 0 } ] } })).await;
+    let (st, v) = e
+        .api
+        .put(
+            "/v1/clients/pinned",
+            json!({ "vector": { "streams": [ { "stream": s, "position": 0 } ] } }),
+        )
+        .await;
     assert_eq!(st, 201);
     assert_eq!(v["vector"]["streams"][0]["position"], 0);
     let sc = eventsync::client::SyncCollection::<Document>::new(
@@ -620,7 +721,9 @@ async fn compaction_respects_acknowledgements_and_the_hard_limit() {
     .unwrap();
     // One event per write: each write waits for its event (a lookup may otherwise cover
     // several writes with one event).
-    sc.find_one_and_upsert(doc! { "_id": "hero", "gold": 0 }).await.unwrap();
+    sc.find_one_and_upsert(doc! { "_id": "hero", "gold": 0 })
+        .await
+        .unwrap();
     wait_head(&e.api, &s, 1).await;
     for i in 1..=3 {
         sc.find_one_and_update("hero", |d| {
@@ -631,31 +734,56 @@ async fn compaction_respects_acknowledgements_and_the_hard_limit() {
         wait_head(&e.api, &s, 1 + i as i64).await;
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(read_log(&e.client, &e.event_db, &s).await.len(), 4, "compaction removed unacknowledged events");
+    assert_eq!(
+        read_log(&e.client, &e.event_db, &s).await.len(),
+        4,
+        "compaction removed unacknowledged events"
+    );
 
     // Acknowledge the first two: exactly those go (the last one is always kept).
-    e.api.post("/v1/clients/pinned/ack", json!({ "streams": [ { "stream": s, "position": 2 } ] })).await;
+    e.api
+        .post(
+            "/v1/clients/pinned/ack",
+            json!({ "streams": [ { "stream": s, "position": 2 } ] }),
+        )
+        .await;
     let (client, event_db, st) = (e.client.clone(), e.event_db.clone(), s.clone());
-    wait_for("compaction of acknowledged events", Duration::from_secs(20), || {
-        let (client, event_db, st) = (client.clone(), event_db.clone(), st.clone());
-        async move {
-            let log = read_log(&client, &event_db, &st).await;
-            (log.iter().map(|e| e.seq).collect::<Vec<_>>() == vec![3, 4]).then_some(())
-        }
-    })
+    wait_for(
+        "compaction of acknowledged events",
+        Duration::from_secs(20),
+        || {
+            let (client, event_db, st) = (client.clone(), event_db.clone(), st.clone());
+            async move {
+                let log = read_log(&client, &event_db, &st).await;
+                (log.iter().map(|e| e.seq).collect::<Vec<_>>() == vec![3, 4]).then_some(())
+            }
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(read_log(&e.client, &e.event_db, &s).await.len(), 2);
     // A new client from position 0 gets the snapshot in place of the compacted events.
     let mut replica = Replica::default();
-    let page = sync_missing(&e.api, json!({ "vector": { "streams": [ { "stream": s, "position": 0 } ] } }), &mut replica, 10).await;
+    let page = sync_missing(
+        &e.api,
+        json!({ "vector": { "streams": [ { "stream": s, "position": 0 } ] } }),
+        &mut replica,
+        10,
+    )
+    .await;
     assert_eq!(page["compacted"], true);
     assert_eq!(page["reset_required"], false);
     assert!(replica.matches(&read_collection(&e.coll).await));
     let key = "%22hero%22";
-    let (st, v) = e.api.get(&format!("/v1/streams/{s}/documents/{key}/state?version=1")).await;
+    let (st, v) = e
+        .api
+        .get(&format!("/v1/streams/{s}/documents/{key}/state?version=1"))
+        .await;
     assert_eq!(st, 410, "{v}");
-    let (st, _) = e.api.get(&format!("/v1/streams/{s}/documents/{key}/state?version=2")).await;
+    let (st, _) = e
+        .api
+        .get(&format!("/v1/streams/{s}/documents/{key}/state?version=2"))
+        .await;
     assert_eq!(st, 200);
 
     // Past the hard limit the client at position 2 is passed, and told so.
@@ -679,9 +807,17 @@ async fn compaction_respects_acknowledgements_and_the_hard_limit() {
     replica.docs.insert("\"hero\"".into(), (2, None));
     let page = sync_missing(&e.api, json!({ "client_id": "pinned" }), &mut replica, 3).await;
     assert_eq!(page["reset_required"], true);
-    assert!(replica.matches(&read_collection(&e.coll).await), "snapshot + events must rebuild the document");
+    assert!(
+        replica.matches(&read_collection(&e.coll).await),
+        "snapshot + events must rebuild the document"
+    );
     let head = e.api.head(&s).await;
-    e.api.post("/v1/clients/pinned/ack", json!({ "streams": [ { "stream": s, "position": head } ] })).await;
+    e.api
+        .post(
+            "/v1/clients/pinned/ack",
+            json!({ "streams": [ { "stream": s, "position": head } ] }),
+        )
+        .await;
     let (_, c) = e.api.get("/v1/clients/pinned").await;
     assert_eq!(c["reset_required"], false, "{c}");
 }
@@ -719,20 +855,56 @@ async fn auth_and_limits() {
     assert_eq!(s, 200, "the OpenAPI document is public");
 
     let st = e.stream.clone();
-    let (s, v) = e.api.post("/v1/sync/missing", json!({ "vector": { "streams": [ { "stream": st } ] }, "limit": 11 })).await;
+    let (s, v) = e
+        .api
+        .post(
+            "/v1/sync/missing",
+            json!({ "vector": { "streams": [ { "stream": st } ] }, "limit": 11 }),
+        )
+        .await;
     assert_eq!(s, 400);
-    assert!(v["detail"].as_str().unwrap().contains("max_page_size (10)"), "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("max_page_size (10)"),
+        "{v}"
+    );
     let docs: Vec<Value> = (0..3).map(|i| json!({ "id": i, "version": 1 })).collect();
-    let (s, v) = e.api.post("/v1/sync/missing", json!({ "vector": { "streams": [ { "stream": st, "documents": docs } ] } })).await;
+    let (s, v) = e
+        .api
+        .post(
+            "/v1/sync/missing",
+            json!({ "vector": { "streams": [ { "stream": st, "documents": docs } ] } }),
+        )
+        .await;
     assert_eq!(s, 400);
-    assert!(v["detail"].as_str().unwrap().contains("max_vector_entries"), "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("max_vector_entries"),
+        "{v}"
+    );
     let big = "x".repeat(4096);
-    let (s, v) = e.api.post("/v1/sync/missing", json!({ "client_id": big })).await;
+    let (s, v) = e
+        .api
+        .post("/v1/sync/missing", json!({ "client_id": big }))
+        .await;
     assert_eq!(s, 413, "{v}");
-    assert!(v["detail"].as_str().unwrap().contains("max_request_bytes"), "{v}");
-    let (s, v) = e.api.post("/v1/sync/missing", json!({ "vector": { "streams": [ { "stream": "no.such" } ] } })).await;
+    assert!(
+        v["detail"].as_str().unwrap().contains("max_request_bytes"),
+        "{v}"
+    );
+    let (s, v) = e
+        .api
+        .post(
+            "/v1/sync/missing",
+            json!({ "vector": { "streams": [ { "stream": "no.such" } ] } }),
+        )
+        .await;
     assert_eq!(s, 400, "{v}");
-    let (s, _) = e.api.post("/v1/sync/missing", json!({ "cursor": "zz" , "client_id": "x"})).await;
+    let (s, _) = e
+        .api
+        .post(
+            "/v1/sync/missing",
+            json!({ "cursor": "zz" , "client_id": "x"}),
+        )
+        .await;
     assert_eq!(s, 400);
     let r = e
         .api
@@ -754,7 +926,13 @@ async fn auth_and_limits() {
     assert_eq!(r.status().as_u16(), 503);
     assert!(r.headers().contains_key("retry-after"));
     let v: Value = r.json().await.unwrap();
-    assert!(v["detail"].as_str().unwrap().contains("max_subscribers (2)"), "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("max_subscribers (2)"),
+        "{v}"
+    );
     drop(_a);
     let api = e.api.clone();
     let p = path.clone();
@@ -777,8 +955,18 @@ async fn auth_and_limits() {
         .unwrap();
     assert!(!r.headers().contains_key("access-control-allow-origin"));
     // Metrics count requests by route and status.
-    let m = reqwest::get(format!("{}/metrics", e.daemon.ops_url())).await.unwrap().text().await.unwrap();
-    assert!(m.contains("eventsync_http_requests_total{method=\"GET\",route=\"/v1/streams\",status=\"401\"}"), "{m}");
+    let m = reqwest::get(format!("{}/metrics", e.daemon.ops_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains(
+            "eventsync_http_requests_total{method=\"GET\",route=\"/v1/streams\",status=\"401\"}"
+        ),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -789,9 +977,16 @@ async fn write_to_live_subscriber_latency() {
         eventsync::client::ClientOptions::new("lat"),
     )
     .unwrap();
-    sc.find_one_and_upsert(doc! { "_id": "p", "n": 0 }).await.unwrap();
-    let mut sse = e.api.subscribe(&format!("/v1/streams/{}/live", e.stream), None).await;
-    sse.next(Duration::from_secs(20)).await.expect("insert event");
+    sc.find_one_and_upsert(doc! { "_id": "p", "n": 0 })
+        .await
+        .unwrap();
+    let mut sse = e
+        .api
+        .subscribe(&format!("/v1/streams/{}/live", e.stream), None)
+        .await;
+    sse.next(Duration::from_secs(20))
+        .await
+        .expect("insert event");
     let mut lat = Vec::new();
     for i in 1..=200 {
         let t = Instant::now();

@@ -95,7 +95,9 @@ fn now_micros() -> i64 {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// p50, p99, max (and count) of a sample, in milliseconds.
@@ -156,7 +158,13 @@ impl DaemonProc {
         Ok((config, ops_port, sync_port, token))
     }
 
-    fn start(bin: &Path, config: PathBuf, ops_port: u16, sync_port: u16, token: String) -> Result<Self> {
+    fn start(
+        bin: &Path,
+        config: PathBuf,
+        ops_port: u16,
+        sync_port: u16,
+        token: String,
+    ) -> Result<Self> {
         let log = config.with_extension("log");
         let child = Command::new(bin)
             .arg("--config")
@@ -212,7 +220,8 @@ impl DaemonProc {
 
     /// (VmHWM, VmRSS) in KiB.
     fn memory_kib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()
@@ -226,7 +235,8 @@ impl DaemonProc {
 
     /// utime + stime, seconds.
     fn cpu_secs(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
         // Fields after the command name (which is in parentheses and may contain spaces).
         let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
         let f: Vec<&str> = rest.split_whitespace().collect();
@@ -236,7 +246,9 @@ impl DaemonProc {
     }
 
     async fn metrics(&self) -> String {
-        http_get(self.ops_port, "/metrics", None).await.unwrap_or_default()
+        http_get(self.ops_port, "/metrics", None)
+            .await
+            .unwrap_or_default()
     }
 
     /// Change events the daemon has finished with (appended, skipped, dead-lettered).
@@ -286,18 +298,30 @@ fn clock_ticks() -> f64 {
 /// A minimal HTTP/1.0 GET (the body is delimited by the connection's end).
 async fn http_get(port: u16, path: &str, token: Option<&str>) -> Result<String> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n").as_bytes())
         .await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await??;
     let text = String::from_utf8_lossy(&buf);
-    Ok(text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default())
 }
 
 /// Waits until the daemon's first checkpoint of `stream` (the change stream is open).
-async fn wait_streaming(client: &mongodb::Client, event_db: &str, stream: &str, daemon: &DaemonProc) -> Result<()> {
-    let cps = client.database(event_db).collection::<Document>("checkpoints");
+async fn wait_streaming(
+    client: &mongodb::Client,
+    event_db: &str,
+    stream: &str,
+    daemon: &DaemonProc,
+) -> Result<()> {
+    let cps = client
+        .database(event_db)
+        .collection::<Document>("checkpoints");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if cps
@@ -308,7 +332,11 @@ async fn wait_streaming(client: &mongodb::Client, event_db: &str, stream: &str, 
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!("daemon did not start streaming {stream}:\n{}", daemon.log_tail()).into());
+            return Err(format!(
+                "daemon did not start streaming {stream}:\n{}",
+                daemon.log_tail()
+            )
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -316,7 +344,12 @@ async fn wait_streaming(client: &mongodb::Client, event_db: &str, stream: &str, 
 
 /// Waits until the daemon finished `target` change events of `stream`; returns the time
 /// from the first progress to the end, and the CPU seconds the daemon spent meanwhile.
-async fn wait_done(daemon: &DaemonProc, stream: &str, target: u64, timeout: Duration) -> Result<(f64, f64, f64)> {
+async fn wait_done(
+    daemon: &DaemonProc,
+    stream: &str,
+    target: u64,
+    timeout: Duration,
+) -> Result<(f64, f64, f64)> {
     let start = Instant::now();
     let cpu0 = daemon.cpu_secs();
     let mut first: Option<Instant> = None;
@@ -328,7 +361,11 @@ async fn wait_done(daemon: &DaemonProc, stream: &str, target: u64, timeout: Dura
         if done >= target {
             let end = Instant::now();
             let busy = end.duration_since(first.unwrap_or(start)).as_secs_f64();
-            return Ok((busy, end.duration_since(start).as_secs_f64(), daemon.cpu_secs() - cpu0));
+            return Ok((
+                busy,
+                end.duration_since(start).as_secs_f64(),
+                daemon.cpu_secs() - cpu0,
+            ));
         }
         if start.elapsed() > timeout {
             return Err(format!(
@@ -371,11 +408,16 @@ async fn write_load(coll: &mongodb::Collection<Document>, a: &Args) -> Result<(u
         let coll = coll.clone();
         let a = a.clone();
         tasks.push(tokio::spawn(async move {
-            let client = SyncCollection::<Document>::new(coll, SyncOptions::new(format!("bench-{w}")))?;
+            let client =
+                SyncCollection::<Document>::new(coll, SyncOptions::new(format!("bench-{w}")))?;
             let mut ok = 0u64;
             let mine: Vec<usize> = (0..a.docs).filter(|i| i % a.writers == w).collect();
             for &i in &mine {
-                let size = if i % large_every == large_every - 1 { a.doc_size_large } else { a.doc_size_small };
+                let size = if i % large_every == large_every - 1 {
+                    a.doc_size_large
+                } else {
+                    a.doc_size_small
+                };
                 client
                     .find_one_and_upsert(doc! {
                         "_id": i as i64, "kind": "bench", "n": 0_i32, "at": bson::DateTime::now(),
@@ -387,7 +429,10 @@ async fn write_load(coll: &mongodb::Collection<Document>, a: &Args) -> Result<(u
             for u in 0..a.updates {
                 for &i in &mine {
                     client
-                        .update_one(i as i64, doc! { "$set": { "n": (u + 1) as i32, "note": format!("update {u}") } })
+                        .update_one(
+                            i as i64,
+                            doc! { "$set": { "n": (u + 1) as i32, "note": format!("update {u}") } },
+                        )
                         .await?;
                     ok += 1;
                 }
@@ -444,7 +489,13 @@ async fn raw_phase(db: &mongodb::Database, a: &Args) -> Result<Value> {
 }
 
 /// Phase 2: the daemon catching up on the same backlog.
-async fn daemon_phase(client: &mongodb::Client, db: &mongodb::Database, event_db: &str, daemon: &mut DaemonProc, a: &Args) -> Result<Value> {
+async fn daemon_phase(
+    client: &mongodb::Client,
+    db: &mongodb::Database,
+    event_db: &str,
+    daemon: &mut DaemonProc,
+    a: &Args,
+) -> Result<Value> {
     let stream = format!("{}.tput", db.name());
     let coll = db.collection::<Document>("tput");
     wait_streaming(client, event_db, &stream, daemon).await?;
@@ -512,7 +563,11 @@ async fn subscribe_sse(daemon_port: u16, token: String, stream: String, seen: Se
     Ok(())
 }
 
-async fn subscribe_tail(events: mongodb::Collection<Document>, stream: String, seen: Seen) -> Result<()> {
+async fn subscribe_tail(
+    events: mongodb::Collection<Document>,
+    stream: String,
+    seen: Seen,
+) -> Result<()> {
     let mut after = 0i64;
     loop {
         let docs: Vec<Document> = events
@@ -531,7 +586,10 @@ async fn subscribe_tail(events: mongodb::Collection<Document>, stream: String, s
         let mut s = seen.lock().await;
         for d in docs {
             after = eventsync::mongo::get_int(&d, "seq").unwrap_or(after);
-            if let (Ok(k), Some(t)) = (d.get_str("doc_key"), eventsync::mongo::get_int(&d, "to_version")) {
+            if let (Ok(k), Some(t)) = (
+                d.get_str("doc_key"),
+                eventsync::mongo::get_int(&d, "to_version"),
+            ) {
                 s.push((k.to_owned(), t, at));
             }
         }
@@ -539,7 +597,13 @@ async fn subscribe_tail(events: mongodb::Collection<Document>, stream: String, s
 }
 
 /// Phase 3: paced writes while the daemon runs live.
-async fn latency_phase(client: &mongodb::Client, db: &mongodb::Database, event_db: &str, daemon: &DaemonProc, a: &Args) -> Result<Value> {
+async fn latency_phase(
+    client: &mongodb::Client,
+    db: &mongodb::Database,
+    event_db: &str,
+    daemon: &DaemonProc,
+    a: &Args,
+) -> Result<Value> {
     let stream = format!("{}.paced", db.name());
     let coll = db.collection::<Document>("paced");
     wait_streaming(client, event_db, &stream, daemon).await?;
@@ -551,13 +615,32 @@ async fn latency_phase(client: &mongodb::Client, db: &mongodb::Database, event_d
     for chunk in docs.chunks(1000) {
         coll.insert_many(chunk.to_vec()).await?;
     }
-    wait_done(daemon, &stream, a.latency_docs as u64, Duration::from_secs(300)).await?;
+    wait_done(
+        daemon,
+        &stream,
+        a.latency_docs as u64,
+        Duration::from_secs(300),
+    )
+    .await?;
 
     let seen: Seen = Arc::new(Mutex::new(Vec::new()));
-    let probe = http_get(daemon.sync_port, &format!("/v1/streams/{stream}"), Some(&daemon.token)).await;
-    let use_sse = probe.as_deref().map(|b| b.contains(&stream)).unwrap_or(false);
+    let probe = http_get(
+        daemon.sync_port,
+        &format!("/v1/streams/{stream}"),
+        Some(&daemon.token),
+    )
+    .await;
+    let use_sse = probe
+        .as_deref()
+        .map(|b| b.contains(&stream))
+        .unwrap_or(false);
     let subscriber = if use_sse {
-        tokio::spawn(subscribe_sse(daemon.sync_port, daemon.token.clone(), stream.clone(), seen.clone()))
+        tokio::spawn(subscribe_sse(
+            daemon.sync_port,
+            daemon.token.clone(),
+            stream.clone(),
+            seen.clone(),
+        ))
     } else {
         tokio::spawn(subscribe_tail(
             client.database(event_db).collection("events"),
@@ -580,7 +663,12 @@ async fn latency_phase(client: &mongodb::Client, db: &mongodb::Database, event_d
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..concurrency {
-        let (writer, writes, write_ms, a) = (writer.clone_handle(), writes.clone(), write_ms.clone(), a.clone());
+        let (writer, writes, write_ms, a) = (
+            writer.clone_handle(),
+            writes.clone(),
+            write_ms.clone(),
+            a.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut k = w as u64;
             while k < total {
@@ -590,8 +678,14 @@ async fn latency_phase(client: &mongodb::Client, db: &mongodb::Database, event_d
                 let id = ((k as usize) % a.latency_docs) as i64;
                 let t_start = now_micros();
                 let t = Instant::now();
-                if let Ok(v) = writer.update_one(id, doc! { "$set": { "n": k as i64 } }).await {
-                    write_ms.lock().await.push(t.elapsed().as_secs_f64() * 1000.0);
+                if let Ok(v) = writer
+                    .update_one(id, doc! { "$set": { "n": k as i64 } })
+                    .await
+                {
+                    write_ms
+                        .lock()
+                        .await
+                        .push(t.elapsed().as_secs_f64() * 1000.0);
                     let key = eventsync::mongo::doc_key(&Bson::Int64(id));
                     writes.lock().await.push((key, v, t_start));
                 }
@@ -626,8 +720,15 @@ async fn latency_phase(client: &mongodb::Client, db: &mongodb::Database, event_d
         .await?;
     let mut appended: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
     for e in &events {
-        if let (Ok(k), Some(v), Ok(at)) = (e.get_str("doc_key"), eventsync::mongo::get_int(e, "to_version"), e.get_datetime("appended_at")) {
-            appended.entry(k.to_owned()).or_default().push((v, at.timestamp_millis() * 1000));
+        if let (Ok(k), Some(v), Ok(at)) = (
+            e.get_str("doc_key"),
+            eventsync::mongo::get_int(e, "to_version"),
+            e.get_datetime("appended_at"),
+        ) {
+            appended
+                .entry(k.to_owned())
+                .or_default()
+                .push((v, at.timestamp_millis() * 1000));
         }
     }
     let mut subscribed: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
@@ -671,7 +772,13 @@ async fn latency_phase(client: &mongodb::Client, db: &mongodb::Database, event_d
 }
 
 /// Phase 4: RSS of a fresh daemon tracking `--track-docs` documents.
-async fn tracking_phase(client: &mongodb::Client, db: &mongodb::Database, bin: &Path, dir: &Path, a: &Args) -> Result<Value> {
+async fn tracking_phase(
+    client: &mongodb::Client,
+    db: &mongodb::Database,
+    bin: &Path,
+    dir: &Path,
+    a: &Args,
+) -> Result<Value> {
     let coll = db.collection::<Document>("track");
     let start = Instant::now();
     let mut batch = Vec::with_capacity(1000);
@@ -692,20 +799,39 @@ async fn tracking_phase(client: &mongodb::Client, db: &mongodb::Database, bin: &
         &a.pipeline,
     )?;
     let daemon = DaemonProc::start(bin, config, ops, sync, token)?;
-    let (busy, total, cpu) = wait_done(&daemon, &stream, a.track_docs as u64, Duration::from_secs(900)).await?;
+    let (busy, total, cpu) = wait_done(
+        &daemon,
+        &stream,
+        a.track_docs as u64,
+        Duration::from_secs(900),
+    )
+    .await?;
     let (hwm_sync, rss_sync) = daemon.memory_kib();
     wait_streaming(client, &event_db, &stream, &daemon).await?;
     // Live updates spread over all documents (cache misses: shadows read back).
     let updates = 5000.min(a.track_docs);
     let step = (a.track_docs / updates.max(1)).max(1);
     for j in 0..updates {
-        coll.update_one(doc! { "_id": (j * step) as i64 }, doc! { "$set": { "n": 1 }, "$inc": { "version": 1_i64 } })
-            .await?;
+        coll.update_one(
+            doc! { "_id": (j * step) as i64 },
+            doc! { "$set": { "n": 1 }, "$inc": { "version": 1_i64 } },
+        )
+        .await?;
     }
-    wait_done(&daemon, &stream, (a.track_docs + updates) as u64, Duration::from_secs(300)).await?;
+    wait_done(
+        &daemon,
+        &stream,
+        (a.track_docs + updates) as u64,
+        Duration::from_secs(300),
+    )
+    .await?;
     let (hwm, rss) = daemon.memory_kib();
     let cpu_all = daemon.cpu_secs();
-    let _ = client.database(&event_db).drop().await.map_err(|e| eprintln!("drop {event_db}: {e}"));
+    let _ = client
+        .database(&event_db)
+        .drop()
+        .await
+        .map_err(|e| eprintln!("drop {event_db}: {e}"));
     drop(daemon);
     Ok(json!({
         "documents": a.track_docs,
@@ -729,37 +855,114 @@ trait CloneHandle {
 
 impl CloneHandle for SyncCollection<Document> {
     fn clone_handle(&self) -> Self {
-        SyncCollection::new(self.collection().clone(), self.options().clone()).expect("same options")
+        SyncCollection::new(self.collection().clone(), self.options().clone())
+            .expect("same options")
     }
 }
 
 fn mib(kib: &Value) -> String {
-    kib.as_u64().map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+    kib.as_u64()
+        .map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
 }
 
 fn table(r: &Value) {
     let g = |p: &str| r.pointer(p).cloned().unwrap_or(Value::Null);
     let lat = |p: &str| {
         let v = g(p);
-        format!("p50 {} / p99 {} / max {} ms (n={})", v["p50_ms"], v["p99_ms"], v["max_ms"], v["count"])
+        format!(
+            "p50 {} / p99 {} / max {} ms (n={})",
+            v["p50_ms"], v["p99_ms"], v["max_ms"], v["count"]
+        )
     };
     let rows: Vec<(&str, String)> = vec![
-        ("machine", format!("{} cores, {}", g("/machine/cores"), g("/machine/memory").as_str().unwrap_or("?"))),
-        ("load", format!("{} docs x (1 + {} updates), {} writers, {} B small / {} B large ({:.0}% large)", g("/args/docs"), g("/args/updates"), g("/args/writers"), g("/args/doc_size_small"), g("/args/doc_size_large"), g("/args/large_fraction").as_f64().unwrap_or(0.0) * 100.0)),
-        ("write rate (thin client)", format!("{} writes/s", g("/raw/write_rate_per_s"))),
-        ("raw change-stream read", format!("{} changes/s ({} MiB/s)", g("/raw/read_rate_per_s"), g("/raw/read_mib_per_s"))),
-        ("daemon catch-up", format!("{} changes/s, {} events/s appended", g("/daemon/rate_changes_per_s"), g("/daemon/rate_events_per_s"))),
-        ("ratio daemon / raw", format!("{}", g("/ratio_daemon_to_raw"))),
-        ("daemon CPU", format!("{} changes per CPU-second ({} events)", g("/daemon/changes_per_cpu_sec"), g("/daemon/events_per_cpu_sec"))),
-        ("paced load", format!("target {} writes/s, achieved {}", g("/latency/target_rate_per_s"), g("/latency/achieved_rate_per_s"))),
+        (
+            "machine",
+            format!(
+                "{} cores, {}",
+                g("/machine/cores"),
+                g("/machine/memory").as_str().unwrap_or("?")
+            ),
+        ),
+        (
+            "load",
+            format!(
+                "{} docs x (1 + {} updates), {} writers, {} B small / {} B large ({:.0}% large)",
+                g("/args/docs"),
+                g("/args/updates"),
+                g("/args/writers"),
+                g("/args/doc_size_small"),
+                g("/args/doc_size_large"),
+                g("/args/large_fraction").as_f64().unwrap_or(0.0) * 100.0
+            ),
+        ),
+        (
+            "write rate (thin client)",
+            format!("{} writes/s", g("/raw/write_rate_per_s")),
+        ),
+        (
+            "raw change-stream read",
+            format!(
+                "{} changes/s ({} MiB/s)",
+                g("/raw/read_rate_per_s"),
+                g("/raw/read_mib_per_s")
+            ),
+        ),
+        (
+            "daemon catch-up",
+            format!(
+                "{} changes/s, {} events/s appended",
+                g("/daemon/rate_changes_per_s"),
+                g("/daemon/rate_events_per_s")
+            ),
+        ),
+        (
+            "ratio daemon / raw",
+            format!("{}", g("/ratio_daemon_to_raw")),
+        ),
+        (
+            "daemon CPU",
+            format!(
+                "{} changes per CPU-second ({} events)",
+                g("/daemon/changes_per_cpu_sec"),
+                g("/daemon/events_per_cpu_sec")
+            ),
+        ),
+        (
+            "paced load",
+            format!(
+                "target {} writes/s, achieved {}",
+                g("/latency/target_rate_per_s"),
+                g("/latency/achieved_rate_per_s")
+            ),
+        ),
         ("write ack", lat("/latency/write_ack")),
         ("write -> appended", lat("/latency/write_to_appended")),
-        ("write -> live subscriber", lat("/latency/write_to_subscriber")),
-        ("subscriber", g("/latency/subscriber").as_str().unwrap_or("-").to_owned()),
-        ("daemon peak RSS (phases 2-3)", mib(&g("/daemon_peak_rss_kib"))),
+        (
+            "write -> live subscriber",
+            lat("/latency/write_to_subscriber"),
+        ),
+        (
+            "subscriber",
+            g("/latency/subscriber").as_str().unwrap_or("-").to_owned(),
+        ),
+        (
+            "daemon peak RSS (phases 2-3)",
+            mib(&g("/daemon_peak_rss_kib")),
+        ),
         ("tracking docs", format!("{}", g("/tracking/documents"))),
-        ("initial sync", format!("{} docs/s", g("/tracking/initial_sync_docs_per_s"))),
-        ("RSS tracking (after sync / after updates / peak)", format!("{} / {} / {}", mib(&g("/tracking/rss_after_initial_sync_kib")), mib(&g("/tracking/rss_after_updates_kib")), mib(&g("/tracking/hwm_kib")))),
+        (
+            "initial sync",
+            format!("{} docs/s", g("/tracking/initial_sync_docs_per_s")),
+        ),
+        (
+            "RSS tracking (after sync / after updates / peak)",
+            format!(
+                "{} / {} / {}",
+                mib(&g("/tracking/rss_after_initial_sync_kib")),
+                mib(&g("/tracking/rss_after_updates_kib")),
+                mib(&g("/tracking/hwm_kib"))
+            ),
+        ),
     ];
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(10);
     println!();
@@ -769,15 +972,25 @@ fn table(r: &Value) {
 }
 
 fn machine() -> Value {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned()))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        })
         .and_then(|k| k.parse::<f64>().ok())
         .map_or("?".into(), |k| format!("{:.1} GiB RAM", k / 1048576.0));
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default();
     json!({ "cores": cores, "memory": mem, "cpu": cpu })
 }
@@ -792,12 +1005,19 @@ async fn main() -> Result<()> {
             .unwrap_or_else(|| PathBuf::from("eventsyncd"))
     });
     if !bin.exists() {
-        return Err(format!("{} not found: build it (cargo build --release --bins) or pass --daemon-bin", bin.display()).into());
+        return Err(format!(
+            "{} not found: build it (cargo build --release --bins) or pass --daemon-bin",
+            bin.display()
+        )
+        .into());
     }
     let mut opts = mongodb::options::ClientOptions::parse(&a.uri).await?;
     opts.max_pool_size = Some(64);
     let client = mongodb::Client::with_options(opts)?;
-    client.database("admin").run_command(doc! { "ping": 1 }).await?;
+    client
+        .database("admin")
+        .run_command(doc! { "ping": 1 })
+        .await?;
     let tag = format!("{}_{:x}", std::process::id(), now_micros() & 0xffff);
     let app_db = format!("bench_{tag}");
     let event_db = format!("bench_{tag}_log");
@@ -824,14 +1044,18 @@ async fn main() -> Result<()> {
             &dir,
             &a.uri,
             &event_db,
-            &[(app_db.clone(), "tput".into()), (app_db.clone(), "paced".into())],
+            &[
+                (app_db.clone(), "tput".into()),
+                (app_db.clone(), "paced".into()),
+            ],
             &a.pipeline,
         )?;
         let mut daemon = DaemonProc::start(&bin, config, ops, sync, token)?;
         eprintln!("phase 2/4: daemon catch-up on the same load");
         let d = daemon_phase(&client, &db, &event_db, &mut daemon, &a).await?;
         eprintln!("  {d}");
-        let ratio = d["rate_changes_per_s"].as_f64().unwrap_or(0.0) / raw["read_rate_per_s"].as_f64().unwrap_or(1.0);
+        let ratio = d["rate_changes_per_s"].as_f64().unwrap_or(0.0)
+            / raw["read_rate_per_s"].as_f64().unwrap_or(1.0);
         results.insert("ratio_daemon_to_raw".into(), json!(round(ratio)));
         results.insert("raw".into(), raw);
         results.insert("daemon".into(), d);

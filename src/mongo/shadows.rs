@@ -153,7 +153,10 @@ impl Store {
     }
 
     /// Stores shadow records made by [`shadow_record`] (idempotent upserts, concurrently).
-    pub async fn save_shadow_records(&self, records: Vec<RawDocumentBuf>) -> Result<(), StoreError> {
+    pub async fn save_shadow_records(
+        &self,
+        records: Vec<RawDocumentBuf>,
+    ) -> Result<(), StoreError> {
         let coll = self.db.collection::<RawDocumentBuf>("shadows");
         let mut futures = Vec::with_capacity(records.len());
         for record in records {

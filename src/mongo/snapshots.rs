@@ -218,7 +218,7 @@ pub enum StateError {
 
 /// Where a replay stopped.
 enum Replay {
-    Done(DocState),
+    Done(Box<DocState>),
     /// The chain moved under us (compaction ran concurrently): start again.
     Moved,
 }
@@ -267,7 +267,7 @@ impl Store {
                 state.doc_id = ev.doc_id;
             }
             if n < 500 {
-                return Ok(Replay::Done(state));
+                return Ok(Replay::Done(Box::new(state)));
             }
         }
     }
@@ -304,7 +304,7 @@ impl Store {
             };
             match self.replay_from(ns, doc_key, base, Some(version)).await? {
                 Replay::Moved => continue,
-                Replay::Done(s) if s.version == version => return Ok(s),
+                Replay::Done(s) if s.version == version => return Ok(*s),
                 Replay::Done(_) => {
                     let latest = self.latest_doc_state(ns, doc_key).await?.version;
                     return Err(StateError::NoSuchVersion {
@@ -353,7 +353,8 @@ impl Store {
             let base_version = base.version;
             match self.replay_from(ns, doc_key, base, None).await? {
                 Replay::Moved => continue,
-                Replay::Done(mut s) => {
+                Replay::Done(s) => {
+                    let mut s = *s;
                     if s.seq == 0 && s.version > 0 {
                         // Find the position of the event that produced the shadow's version.
                         let ev = self
