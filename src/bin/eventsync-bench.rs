@@ -61,9 +61,9 @@ struct Args {
     /// Size of a large document's payload, bytes.
     #[arg(long, default_value_t = 100 * 1024)]
     doc_size_large: usize,
-    /// Target rate of the paced latency load, writes/s.
-    #[arg(long, default_value_t = 1000)]
-    rate: u64,
+    /// Target rates of the paced latency load, writes/s (comma-separated: one run each).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1000, 250])]
+    rate: Vec<u64>,
     /// Duration of the paced latency load, seconds.
     #[arg(long, default_value_t = 10)]
     latency_secs: u64,
@@ -79,6 +79,10 @@ struct Args {
     /// Extra `[pipeline]` keys for the daemon (TOML lines).
     #[arg(long, default_value = "")]
     pipeline: String,
+    /// Extra TOML appended to the daemon's configuration (whole tables, e.g.
+    /// `[compaction]` keys).
+    #[arg(long, default_value = "")]
+    extra_config: String,
     /// Where to write the JSON results.
     #[arg(long, default_value = "results.json")]
     out: PathBuf,
@@ -139,6 +143,7 @@ impl DaemonProc {
         event_db: &str,
         streams: &[(String, String)],
         pipeline: &str,
+        extra: &str,
     ) -> Result<(PathBuf, u16, u16, String)> {
         let ops_port = free_port()?;
         let sync_port = free_port()?;
@@ -153,6 +158,7 @@ impl DaemonProc {
              [sync]\nlisten = \"127.0.0.1:{sync_port}\"\ntokens = [{token:?}]\ntail_poll_ms = 50\n\n\
              [ops]\nlisten = \"127.0.0.1:{ops_port}\"\n\n[log]\nlevel = \"warn\"\n"
         );
+        text += &format!("\n{extra}\n");
         let config = dir.join(format!("bench-{ops_port}.toml"));
         std::fs::write(&config, text)?;
         Ok((config, ops_port, sync_port, token))
@@ -603,14 +609,15 @@ async fn latency_phase(
     event_db: &str,
     daemon: &DaemonProc,
     a: &Args,
+    rate: u64,
 ) -> Result<Value> {
-    let stream = format!("{}.paced", db.name());
-    let coll = db.collection::<Document>("paced");
+    let stream = format!("{}.paced{rate}", db.name());
+    let coll = db.collection::<Document>(&format!("paced{rate}"));
     wait_streaming(client, event_db, &stream, daemon).await?;
     // Documents exist first; the paced writes are compare-and-swap updates of them.
     let writer = SyncCollection::<Document>::new(coll.clone(), SyncOptions::new("bench-paced"))?;
     let docs: Vec<Document> = (0..a.latency_docs)
-        .map(|i| doc! { "_id": i as i64, "n": 0_i32, "payload": payload(a.doc_size_small, i), "version": 1_i64, "_origin": "bench-paced" })
+        .map(|i| doc! { "_id": format!("p{i}"), "n": 0_i32, "payload": payload(a.doc_size_small, i), "version": 1_i64, "_origin": "bench-paced" })
         .collect();
     for chunk in docs.chunks(1000) {
         coll.insert_many(chunk.to_vec()).await?;
@@ -656,7 +663,7 @@ async fn latency_phase(
     let before = seen.lock().await.len();
 
     // Open-loop schedule: write k starts at k / rate (a late write starts at once).
-    let total = a.rate * a.latency_secs;
+    let total = rate * a.latency_secs;
     let concurrency = a.writers.max(1) * 4;
     let writes: Arc<Mutex<Vec<(String, i64, i64)>>> = Arc::new(Mutex::new(Vec::new()));
     let write_ms: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
@@ -672,10 +679,11 @@ async fn latency_phase(
         tasks.push(tokio::spawn(async move {
             let mut k = w as u64;
             while k < total {
-                let due = start + Duration::from_secs_f64(k as f64 / a.rate as f64);
+                let due = start + Duration::from_secs_f64(k as f64 / rate as f64);
                 tokio::time::sleep_until(due.into()).await;
                 // Each writer owns the documents ≡ w (mod concurrency): no CAS conflicts.
-                let id = ((k as usize) % a.latency_docs) as i64;
+                let id = format!("p{}", (k as usize) % a.latency_docs);
+                let key = eventsync::mongo::doc_key(&Bson::String(id.clone()));
                 let t_start = now_micros();
                 let t = Instant::now();
                 if let Ok(v) = writer
@@ -686,7 +694,6 @@ async fn latency_phase(
                         .lock()
                         .await
                         .push(t.elapsed().as_secs_f64() * 1000.0);
-                    let key = eventsync::mongo::doc_key(&Bson::Int64(id));
                     writes.lock().await.push((key, v, t_start));
                 }
                 k += concurrency as u64;
@@ -760,7 +767,7 @@ async fn latency_phase(
         }
     }
     Ok(json!({
-        "target_rate_per_s": a.rate,
+        "target_rate_per_s": rate,
         "writes": writes.len(),
         "achieved_rate_per_s": round(writes.len() as f64 / write_secs),
         "write_ack": percentiles(write_ms.lock().await.clone()),
@@ -797,6 +804,7 @@ async fn tracking_phase(
         &event_db,
         &[(db.name().to_owned(), "track".to_owned())],
         &a.pipeline,
+        &a.extra_config,
     )?;
     let daemon = DaemonProc::start(bin, config, ops, sync, token)?;
     let (busy, total, cpu) = wait_done(
@@ -874,9 +882,9 @@ fn table(r: &Value) {
             v["p50_ms"], v["p99_ms"], v["max_ms"], v["count"]
         )
     };
-    let rows: Vec<(&str, String)> = vec![
+    let mut rows: Vec<(String, String)> = vec![
         (
-            "machine",
+            "machine".into(),
             format!(
                 "{} cores, {}",
                 g("/machine/cores"),
@@ -884,7 +892,7 @@ fn table(r: &Value) {
             ),
         ),
         (
-            "load",
+            "load".into(),
             format!(
                 "{} docs x (1 + {} updates), {} writers, {} B small / {} B large ({:.0}% large)",
                 g("/args/docs"),
@@ -896,11 +904,11 @@ fn table(r: &Value) {
             ),
         ),
         (
-            "write rate (thin client)",
+            "write rate (thin client)".into(),
             format!("{} writes/s", g("/raw/write_rate_per_s")),
         ),
         (
-            "raw change-stream read",
+            "raw change-stream read".into(),
             format!(
                 "{} changes/s ({} MiB/s)",
                 g("/raw/read_rate_per_s"),
@@ -908,7 +916,7 @@ fn table(r: &Value) {
             ),
         ),
         (
-            "daemon catch-up",
+            "daemon catch-up".into(),
             format!(
                 "{} changes/s, {} events/s appended",
                 g("/daemon/rate_changes_per_s"),
@@ -916,46 +924,51 @@ fn table(r: &Value) {
             ),
         ),
         (
-            "ratio daemon / raw",
+            "ratio daemon / raw".into(),
             format!("{}", g("/ratio_daemon_to_raw")),
         ),
         (
-            "daemon CPU",
+            "daemon CPU".into(),
             format!(
                 "{} changes per CPU-second ({} events)",
                 g("/daemon/changes_per_cpu_sec"),
                 g("/daemon/events_per_cpu_sec")
             ),
         ),
-        (
-            "paced load",
+    ];
+    for i in 0..g("/latency").as_array().map_or(0, Vec::len) {
+        let p = |k: &str| format!("/latency/{i}/{k}");
+        rows.push((
+            "paced load".into(),
             format!(
                 "target {} writes/s, achieved {}",
-                g("/latency/target_rate_per_s"),
-                g("/latency/achieved_rate_per_s")
+                g(&p("target_rate_per_s")),
+                g(&p("achieved_rate_per_s"))
             ),
-        ),
-        ("write ack", lat("/latency/write_ack")),
-        ("write -> appended", lat("/latency/write_to_appended")),
+        ));
+        rows.push(("  write ack".into(), lat(&p("write_ack"))));
+        rows.push(("  write -> appended".into(), lat(&p("write_to_appended"))));
+        rows.push((
+            "  write -> live subscriber".into(),
+            lat(&p("write_to_subscriber")),
+        ));
+        rows.push((
+            "  subscriber".into(),
+            g(&p("subscriber")).as_str().unwrap_or("-").to_owned(),
+        ));
+    }
+    rows.extend([
         (
-            "write -> live subscriber",
-            lat("/latency/write_to_subscriber"),
-        ),
-        (
-            "subscriber",
-            g("/latency/subscriber").as_str().unwrap_or("-").to_owned(),
-        ),
-        (
-            "daemon peak RSS (phases 2-3)",
+            "daemon peak RSS (phases 2-3)".into(),
             mib(&g("/daemon_peak_rss_kib")),
         ),
-        ("tracking docs", format!("{}", g("/tracking/documents"))),
+        ("tracking docs".into(), format!("{}", g("/tracking/documents"))),
         (
-            "initial sync",
+            "initial sync".into(),
             format!("{} docs/s", g("/tracking/initial_sync_docs_per_s")),
         ),
         (
-            "RSS tracking (after sync / after updates / peak)",
+            "RSS tracking (after sync / after updates / peak)".into(),
             format!(
                 "{} / {} / {}",
                 mib(&g("/tracking/rss_after_initial_sync_kib")),
@@ -963,7 +976,7 @@ fn table(r: &Value) {
                 mib(&g("/tracking/hwm_kib"))
             ),
         ),
-    ];
+    ]);
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(10);
     println!();
     for (k, v) in rows {
@@ -1044,11 +1057,11 @@ async fn main() -> Result<()> {
             &dir,
             &a.uri,
             &event_db,
-            &[
-                (app_db.clone(), "tput".into()),
-                (app_db.clone(), "paced".into()),
-            ],
+            &std::iter::once((app_db.clone(), "tput".to_owned()))
+                .chain(a.rate.iter().map(|r| (app_db.clone(), format!("paced{r}"))))
+                .collect::<Vec<_>>(),
             &a.pipeline,
+            &a.extra_config,
         )?;
         let mut daemon = DaemonProc::start(&bin, config, ops, sync, token)?;
         eprintln!("phase 2/4: daemon catch-up on the same load");
@@ -1059,10 +1072,14 @@ async fn main() -> Result<()> {
         results.insert("ratio_daemon_to_raw".into(), json!(round(ratio)));
         results.insert("raw".into(), raw);
         results.insert("daemon".into(), d);
-        eprintln!("phase 3/4: paced latency");
-        let l = latency_phase(&client, &db, &event_db, &daemon, &a).await?;
-        eprintln!("  {l}");
-        results.insert("latency".into(), l);
+        let mut lat = Vec::new();
+        for &rate in &a.rate {
+            eprintln!("phase 3/4: paced latency at {rate} writes/s");
+            let l = latency_phase(&client, &db, &event_db, &daemon, &a, rate).await?;
+            eprintln!("  {l}");
+            lat.push(l);
+        }
+        results.insert("latency".into(), Value::Array(lat));
         results.insert("daemon_peak_rss_kib".into(), json!(daemon.memory_kib().0));
         daemon.stop();
         if a.track_docs > 0 {

@@ -14,7 +14,7 @@
 //! # async fn run() -> Result<(), eventsync::client::ClientError> {
 //! let mongo = mongodb::Client::with_uri_str("mongodb://127.0.0.1:27017").await?;
 //! let players = SyncCollection::<Player>::new(
-//!     mongo.database("game").collection("players"),
+//!     mongo.database("game").collection::<Player>("players"),
 //!     ClientOptions::new("game-server-1"),
 //! )?;
 //! let (player, how) = players

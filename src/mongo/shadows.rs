@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use bson::{doc, Bson, Document, RawBson, RawDocumentBuf};
+use bson::{doc, Bson, Document, RawArrayBuf, RawBson, RawDocumentBuf};
 
 use crate::diff::repr;
 use futures_util::TryStreamExt;
@@ -152,31 +152,58 @@ impl Store {
         self.save_shadow_records(records).await
     }
 
-    /// Stores shadow records made by [`shadow_record`] (idempotent upserts, concurrently).
-    pub async fn save_shadow_records(
-        &self,
-        records: Vec<RawDocumentBuf>,
-    ) -> Result<(), StoreError> {
-        let coll = self.db.collection::<RawDocumentBuf>("shadows");
-        let mut futures = Vec::with_capacity(records.len());
+    /// Stores shadow records made by [`shadow_record`]: idempotent upserts, sent as few
+    /// multi-statement `update` commands (one round trip per ~8 MB of records) instead of
+    /// one `replace_one` per document.
+    pub async fn save_shadow_records(&self, records: Vec<RawDocumentBuf>) -> Result<(), StoreError> {
+        const COMMAND_BYTES: usize = 8 * 1024 * 1024;
+        let mut chunk: Vec<RawDocumentBuf> = Vec::new();
+        let mut bytes = 0;
+        for record in records {
+            let len = record.as_bytes().len();
+            if !chunk.is_empty() && bytes + len > COMMAND_BYTES {
+                self.upsert_shadows(std::mem::take(&mut chunk)).await?;
+                bytes = 0;
+            }
+            bytes += len;
+            chunk.push(record);
+        }
+        if !chunk.is_empty() {
+            self.upsert_shadows(chunk).await?;
+        }
+        Ok(())
+    }
+
+    async fn upsert_shadows(&self, records: Vec<RawDocumentBuf>) -> Result<(), StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            what: "shadow",
+            id: String::new(),
+            reason,
+        };
+        let mut updates = RawArrayBuf::new();
         for record in records {
             let id = record
                 .get_str("_id")
-                .map(str::to_owned)
-                .map_err(|e| StoreError::Corrupt {
-                    what: "shadow",
-                    id: String::new(),
-                    reason: e.to_string(),
-                })?;
-            let coll = coll.clone();
-            futures.push(async move {
-                coll.replace_one(doc! { "_id": id }, record)
-                    .upsert(true)
-                    .await
-            });
+                .map_err(|e| corrupt(e.to_string()))?
+                .to_owned();
+            let mut q = RawDocumentBuf::new();
+            q.append("_id", id);
+            let mut statement = RawDocumentBuf::new();
+            statement.append("q", q);
+            statement.append("u", record);
+            statement.append("upsert", true);
+            updates.push(statement);
         }
-        for r in futures_util::future::join_all(futures).await {
-            r?;
+        let mut command = RawDocumentBuf::new();
+        command.append("update", "shadows");
+        command.append("updates", updates);
+        command.append("ordered", true);
+        let reply = self.db.run_raw_command(command).await?;
+        // Write errors come back in an `ok: 1` reply.
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            if let Some(first) = errors.iter().next() {
+                return Err(corrupt(format!("shadow upsert failed: {first:?}")));
+            }
         }
         Ok(())
     }
