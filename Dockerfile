@@ -22,6 +22,7 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src/bin \
     && printf '//! stub\n' > src/lib.rs \
     && printf 'fn main() {}\n' > src/bin/eventsyncd.rs \
+    && printf 'fn main() {}\n' > src/bin/eventsync-bench.rs \
     && cargo build --release --locked --bin eventsyncd \
     && rm -rf src
 

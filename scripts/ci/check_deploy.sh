@@ -453,6 +453,18 @@ with open(sys.argv[1], "rb") as f:
     cargo = tomllib.load(f)
 sys.exit(0 if any(b.get("name") == "eventsyncd" for b in cargo.get("bin", [])) else 1)
 PY
+# The dependency-cache stage builds against stub sources: every declared [[bin]] path
+# must be stubbed there, or cargo refuses the manifest.
+"$VENV/bin/python" - "$REPO/Cargo.toml" "$REPO/Dockerfile" <<'PY' || die "Dockerfile stub stage must create every [[bin]] path of Cargo.toml"
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    cargo = tomllib.load(f)
+docker = open(sys.argv[2]).read()
+missing = [b["path"] for b in cargo.get("bin", []) if "path" in b and f"> {b['path']}" not in docker]
+if missing:
+    print("not stubbed:", missing, file=sys.stderr)
+sys.exit(1 if missing else 0)
+PY
 # Files the image copies from the build context must exist (and not be .dockerignored).
 for src in $(awk 'toupper($1)=="COPY" && $0 !~ /--from=/ { for (i = 2; i < NF; i++) if ($i !~ /^--/) print $i }' Dockerfile); do
     if [ ! -e "$REPO/$src" ]; then
