@@ -962,7 +962,10 @@ fn table(r: &Value) {
             "daemon peak RSS (phases 2-3)".into(),
             mib(&g("/daemon_peak_rss_kib")),
         ),
-        ("tracking docs".into(), format!("{}", g("/tracking/documents"))),
+        (
+            "tracking docs".into(),
+            format!("{}", g("/tracking/documents")),
+        ),
         (
             "initial sync".into(),
             format!("{} docs/s", g("/tracking/initial_sync_docs_per_s")),

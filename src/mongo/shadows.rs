@@ -155,7 +155,10 @@ impl Store {
     /// Stores shadow records made by [`shadow_record`]: idempotent upserts, sent as few
     /// multi-statement `update` commands (one round trip per ~8 MB of records) instead of
     /// one `replace_one` per document.
-    pub async fn save_shadow_records(&self, records: Vec<RawDocumentBuf>) -> Result<(), StoreError> {
+    pub async fn save_shadow_records(
+        &self,
+        records: Vec<RawDocumentBuf>,
+    ) -> Result<(), StoreError> {
         const COMMAND_BYTES: usize = 8 * 1024 * 1024;
         let mut chunk: Vec<RawDocumentBuf> = Vec::new();
         let mut bytes = 0;
