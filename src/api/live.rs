@@ -15,7 +15,6 @@
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{RawQuery, State};
@@ -151,11 +150,11 @@ pub async fn live(
         batch: capacity,
         poll: Duration::from_millis(cfg.tail_poll_ms),
         send_timeout: Duration::from_millis(cfg.live_send_timeout_ms),
+        _slot: slot,
     };
     tokio::spawn(producer.run());
     let body = SlotStream {
         rx,
-        _slot: Arc::new(slot),
         started: false,
         after,
     };
@@ -170,7 +169,6 @@ pub async fn live(
 
 struct SlotStream {
     rx: mpsc::Receiver<Event>,
-    _slot: Arc<SubscriberSlot>,
     started: bool,
     after: i64,
 }
@@ -200,6 +198,9 @@ struct Producer {
     batch: usize,
     poll: Duration,
     send_timeout: Duration,
+    /// The subscriber slot lives as long as the producer: a subscriber dropped for not
+    /// reading frees its slot at once, even while its connection lingers.
+    _slot: SubscriberSlot,
 }
 
 impl Producer {

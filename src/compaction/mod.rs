@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bson::{doc, DateTime, Document};
+use bson::{doc, DateTime};
 use futures_util::TryStreamExt;
 use serde::Deserialize;
 
@@ -58,7 +58,7 @@ impl Default for CompactionConfig {
             min_age_secs: 7 * 24 * 3600,
             keep_per_document: 10,
             hard_max_per_document: 10_000,
-            max_scan_events: 200_000,
+            max_scan_events: 20_000,
         }
     }
 }
@@ -115,17 +115,18 @@ pub async fn compact_stream(
     let clients: Vec<ClientRecord> = store.list_clients().await?;
     let cutoff =
         DateTime::now().timestamp_millis() - (cfg.min_age_secs as i64).saturating_mul(1000);
-    let cursor = store
+    let mut cursor = store
         .events()
         .find(doc! { "stream": stream })
         .sort(doc! { "seq": 1 })
         .projection(doc! { "doc_key": 1, "seq": 1, "to_version": 1, "appended_at": 1 })
         .limit(cfg.max_scan_events as i64)
         .await?;
-    let docs: Vec<Document> = cursor.try_collect().await?;
+    // Streamed, not collected: memory holds only the small per-event summaries.
     let mut by_doc: HashMap<String, Vec<Ev>> = HashMap::new();
     let mut order: Vec<String> = Vec::new();
-    for d in &docs {
+    while let Some(d) = cursor.try_next().await? {
+        let d = &d;
         let (Ok(key), Some(seq), Some(to_version)) = (
             d.get_str("doc_key"),
             get_int(d, "seq"),
@@ -148,7 +149,6 @@ pub async fn compact_stream(
                 appended_ms,
             });
     }
-    drop(docs);
 
     let mut stats = RunStats::default();
     for key in order {
