@@ -5,8 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use bson::{doc, Document};
@@ -17,62 +16,6 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 const TOKEN: &str = "test-token-0123456789abcdef";
-
-/// Starts `eventsyncd` like [`Daemon::start`], with extra `[sync]` keys.
-fn start(spec: &DaemonSpec, sync_extra: &str) -> Daemon {
-    let sync_port = free_port();
-    let ops_port = free_port();
-    let dir = std::env::temp_dir().join(format!("eventsync-api-{}", unique_db("d")));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let config = dir.join("config.toml");
-    let log = dir.join("daemon.log");
-    let q = |s: &str| format!("{s:?}");
-    let mut text = format!(
-        "[mongodb]\nuri = {}\nevent_database = {}\n\n",
-        q(&spec.uri),
-        q(&spec.event_db)
-    );
-    for (db, coll) in &spec.streams {
-        text += &format!(
-            "[[streams]]\ndatabase = {}\ncollection = {}\n\n",
-            q(db),
-            q(coll)
-        );
-    }
-    text +=
-        "[pipeline]\nmax_await_ms = 100\nidle_checkpoint_ms = 200\nrestart_backoff_ms = 100\n\n";
-    text += &format!(
-        "[lease]\nttl_ms = {}\nrenew_ms = {}\nholder_id = {}\n\n",
-        spec.lease_ttl_ms,
-        spec.lease_renew_ms,
-        q(&spec.holder)
-    );
-    let tokens: Vec<String> = spec.tokens.iter().map(|t| q(t)).collect();
-    text += &format!(
-        "[sync]\nlisten = \"127.0.0.1:{sync_port}\"\ntokens = [{}]\ntail_poll_ms = 50\n{sync_extra}\n\n[ops]\nlisten = \"127.0.0.1:{ops_port}\"\nping_interval_ms = 200\n\n[log]\nlevel = \"info,eventsync=debug\"\n\n",
-        tokens.join(", ")
-    );
-    text += &spec.extra;
-    std::fs::File::create(&config)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .expect("write config");
-    let logfile = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_eventsyncd"))
-        .arg("--config")
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(logfile)
-        .spawn()
-        .expect("start eventsyncd");
-    Daemon {
-        child,
-        sync_port,
-        ops_port,
-        config,
-        log,
-    }
-}
 
 /// An HTTP client of the sync port.
 #[derive(Clone)]
@@ -310,7 +253,8 @@ async fn env(prefix: &str, tokens: Vec<String>, sync_extra: &str, extra: &str) -
     let mut spec = DaemonSpec::new(&event_db, &app_db, "players");
     spec.tokens = tokens.clone();
     spec.extra = extra.to_owned();
-    let daemon = start(&spec, sync_extra);
+    spec.sync_extra = sync_extra.to_owned();
+    let daemon = Daemon::start(&spec);
     let api = Api::new(&daemon, tokens.first().map(String::as_str));
     api.ready().await;
     Env {

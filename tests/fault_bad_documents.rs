@@ -12,38 +12,6 @@ use bson::spec::BinarySubtype;
 use bson::{doc, Binary, Bson, Document, RawDocumentBuf};
 use common::*;
 
-async fn wait_streaming(client: &mongodb::Client, event_db: &str, stream: &str) {
-    let cps = client
-        .database(event_db)
-        .collection::<Document>("checkpoints");
-    wait_for(
-        "the daemon's first checkpoint",
-        Duration::from_secs(30),
-        || {
-            let cps = cps.clone();
-            async move {
-                cps.find_one(doc! { "_id": stream, "resync_pending": false })
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|_| ())
-            }
-        },
-    )
-    .await;
-}
-
-async fn metric(daemon: &Daemon, prefix: &str) -> f64 {
-    let Ok(resp) = reqwest::get(format!("{}/metrics", daemon.ops_url())).await else {
-        return 0.0;
-    };
-    let body = resp.text().await.unwrap_or_default();
-    body.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Writes a marker document and waits until its event is in the log: the stream is alive.
 async fn assert_live(
     client: &mongodb::Client,
@@ -337,7 +305,7 @@ async fn hostile_documents_become_events_or_dead_letters_never_a_stall() {
         !dead_ids.iter().any(|d| d == "large-1mb"),
         "1 MB fits in an event"
     );
-    let counted = metric(&daemon, "eventsync_dead_letters_total").await;
+    let counted = metric_sum(&daemon, "eventsync_dead_letters_total").await;
     assert!(counted >= 3.0, "eventsync_dead_letters_total = {counted}");
     for id in &utf8_accepted {
         assert!(
@@ -446,7 +414,7 @@ async fn small_event_limit_dead_letters_and_the_next_change_converges() {
         .collect();
     dead_ids.dedup();
     assert_eq!(dead_ids, vec!["a", "b"], "{dead:?}");
-    let counted = metric(&daemon, "eventsync_dead_letters_total").await;
+    let counted = metric_sum(&daemon, "eventsync_dead_letters_total").await;
     assert!(counted >= 2.0, "metric counts the dead letters: {counted}");
 
     writer

@@ -97,39 +97,6 @@ async fn impatient_client(uri: &str) -> mongodb::Client {
     mongodb::Client::with_options(opts).expect("client")
 }
 
-/// Waits until the daemon has stored a checkpoint for `stream` (its change stream is open).
-async fn wait_streaming(client: &mongodb::Client, event_db: &str, stream: &str) {
-    let cps = client
-        .database(event_db)
-        .collection::<Document>("checkpoints");
-    wait_for(
-        "the daemon's first checkpoint",
-        Duration::from_secs(30),
-        || {
-            let cps = cps.clone();
-            async move {
-                cps.find_one(doc! { "_id": stream, "resync_pending": false })
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|_| ())
-            }
-        },
-    )
-    .await;
-}
-
-async fn metric(daemon: &Daemon, prefix: &str) -> f64 {
-    let Ok(resp) = reqwest::get(format!("{}/metrics", daemon.ops_url())).await else {
-        return 0.0;
-    };
-    let body = resp.text().await.unwrap_or_default();
-    body.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cut_delayed_and_refused_connections_lose_nothing() {
     let started = Instant::now();
@@ -206,7 +173,7 @@ async fn cut_delayed_and_refused_connections_lose_nothing() {
         "load too small: {} events",
         events.len()
     );
-    let errors = metric(&daemon, "eventsync_errors_total").await;
+    let errors = metric_sum(&daemon, "eventsync_errors_total").await;
     let log = daemon.log_text();
     println!(
         "network faults: {writes} writes, {} events, {} connections, {errors} errors counted, \

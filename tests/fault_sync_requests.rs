@@ -24,17 +24,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-async fn metric(daemon: &Daemon, prefix: &str) -> f64 {
-    let Ok(resp) = reqwest::get(format!("{}/metrics", daemon.ops_url())).await else {
-        return -1.0;
-    };
-    let body = resp.text().await.unwrap_or_default();
-    body.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_requests_get_4xx_and_slow_subscribers_are_dropped() {
     let started = Instant::now();
@@ -301,15 +290,15 @@ async fn hostile_requests_get_4xx_and_slow_subscribers_are_dropped() {
         Duration::from_secs(20),
         || {
             let d = &daemon;
-            async move { (metric(d, "eventsync_live_subscribers").await <= 1.0).then_some(()) }
+            async move { (metric_sum(d, "eventsync_live_subscribers").await <= 1.0).then_some(()) }
         },
     )
     .await;
-    let held = metric(&daemon, "eventsync_live_subscribers").await;
+    let held = metric_sum(&daemon, "eventsync_live_subscribers").await;
     drop(stalled);
     wait_for("subscriber slots freed", Duration::from_secs(20), || {
         let d = &daemon;
-        async move { (metric(d, "eventsync_live_subscribers").await <= 1.0).then_some(()) }
+        async move { (metric_sum(d, "eventsync_live_subscribers").await <= 1.0).then_some(()) }
     })
     .await;
     let rss_after = rss_kib(pid);

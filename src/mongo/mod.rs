@@ -168,38 +168,24 @@ impl Store {
 
     /// Creates the indexes the invariants rest on (idempotent).
     pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
-        let unique = || IndexOptions::builder().unique(true).build();
-        self.events()
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! { "ns": 1, "doc_key": 1, "to_version": 1 })
-                    .options(unique())
-                    .build(),
-            )
-            .await?;
-        self.events()
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! { "stream": 1, "seq": 1 })
-                    .options(unique())
-                    .build(),
-            )
-            .await?;
-        self.events()
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! { "origin": 1, "to_version": 1 })
-                    .build(),
-            )
-            .await?;
-        self.snapshots()
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! { "ns": 1, "doc_key": 1 })
-                    .options(unique())
-                    .build(),
-            )
-            .await?;
+        let indexes = [
+            // The chain: one event per (document, version).
+            (
+                self.events(),
+                doc! { "ns": 1, "doc_key": 1, "to_version": 1 },
+                true,
+            ),
+            // The global order: one event per stream position.
+            (self.events(), doc! { "stream": 1, "seq": 1 }, true),
+            // Write checkpoints: has origin O's write reached the log?
+            (self.events(), doc! { "origin": 1, "to_version": 1 }, false),
+            (self.snapshots(), doc! { "ns": 1, "doc_key": 1 }, true),
+        ];
+        for (coll, keys, unique) in indexes {
+            let options = IndexOptions::builder().unique(unique).build();
+            coll.create_index(IndexModel::builder().keys(keys).options(options).build())
+                .await?;
+        }
         Ok(())
     }
 }

@@ -109,6 +109,8 @@ pub struct DaemonSpec {
     pub pipeline: String,
     /// `[log] format`: `text` or `json`.
     pub log_format: String,
+    /// Extra `[sync]` keys.
+    pub sync_extra: String,
 }
 
 impl DaemonSpec {
@@ -125,6 +127,7 @@ impl DaemonSpec {
             extra: String::new(),
             pipeline: String::new(),
             log_format: "text".into(),
+            sync_extra: String::new(),
         }
     }
 }
@@ -180,8 +183,9 @@ impl Daemon {
         );
         let tokens: Vec<String> = spec.tokens.iter().map(|t| toml_str(t)).collect();
         text += &format!(
-            "[sync]\nlisten = \"127.0.0.1:{sync_port}\"\ntokens = [{}]\ntail_poll_ms = 50\n\n[ops]\nlisten = \"127.0.0.1:{ops_port}\"\nping_interval_ms = 200\n\n[log]\nlevel = \"info,eventsync=debug\"\nformat = {}\n\n",
+            "[sync]\nlisten = \"127.0.0.1:{sync_port}\"\ntokens = [{}]\ntail_poll_ms = 50\n{}\n\n[ops]\nlisten = \"127.0.0.1:{ops_port}\"\nping_interval_ms = 200\n\n[log]\nlevel = \"info,eventsync=debug\"\nformat = {}\n\n",
             tokens.join(", "),
+            spec.sync_extra,
             toml_str(&spec.log_format)
         );
         text += &spec.extra;
@@ -465,4 +469,40 @@ pub async fn mixed_load(coll: mongodb::Collection<Document>, writer: usize, ops:
             }
         }
     }
+}
+
+/// The sum of the samples of `/metrics` lines starting with `prefix` (NaN when the daemon
+/// does not answer, so comparisons in waits stay false).
+pub async fn metric_sum(daemon: &Daemon, prefix: &str) -> f64 {
+    let Ok(resp) = reqwest::get(format!("{}/metrics", daemon.ops_url())).await else {
+        return f64::NAN;
+    };
+    let body = resp.text().await.unwrap_or_default();
+    body.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until the daemon has stored a checkpoint for `stream` outside a re-read (its
+/// change stream is open).
+pub async fn wait_streaming(client: &mongodb::Client, event_db: &str, stream: &str) {
+    let cps = client
+        .database(event_db)
+        .collection::<Document>("checkpoints");
+    wait_for(
+        "the daemon's first checkpoint",
+        Duration::from_secs(30),
+        || {
+            let cps = cps.clone();
+            async move {
+                cps.find_one(doc! { "_id": stream, "resync_pending": false })
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|_| ())
+            }
+        },
+    )
+    .await;
 }
