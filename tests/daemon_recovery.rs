@@ -227,3 +227,71 @@ async fn a_standby_replica_takes_over_when_the_holder_dies() {
     assert!(events.len() > 50, "load too small: {}", events.len());
     println!("takeover after {took:?}; {} events", events.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn version_compare_rereads_only_documents_whose_version_changed() {
+    let client = client().await;
+    let (app_db, event_db) = (unique_db("vcmp_app"), unique_db("vcmp_log"));
+    let coll = client.database(&app_db).collection::<Document>("items");
+    let writer = eventsync::client::SyncCollection::<Document>::new(
+        coll.clone(),
+        eventsync::client::ClientOptions::new("vcmp"),
+    )
+    .unwrap();
+    for id in 0..20 {
+        writer
+            .find_one_and_upsert(doc! { "_id": id, "n": 0 })
+            .await
+            .unwrap();
+    }
+    let mut spec = DaemonSpec::new(&event_db, &app_db, "items");
+    spec.pipeline = "resync_compare = \"version\"".into();
+    let mut daemon = Daemon::start(&spec);
+    wait_converged(&client, &event_db, &coll, Duration::from_secs(30)).await;
+    assert!(daemon
+        .terminate(Duration::from_secs(15))
+        .is_some_and(|s| s.success()));
+
+    // Offline: 5 stamped updates, 2 new documents, 1 delete; then ask for a re-read.
+    for id in 0..5 {
+        writer
+            .find_one_and_update(id, |d| {
+                d.insert("n", 1);
+            })
+            .await
+            .unwrap();
+    }
+    for id in 20..22 {
+        writer
+            .find_one_and_upsert(doc! { "_id": id, "n": 0 })
+            .await
+            .unwrap();
+    }
+    writer.delete_one(19, None).await.unwrap();
+    let stream = format!("{app_db}.items");
+    client
+        .database(&event_db)
+        .collection::<Document>("checkpoints")
+        .update_one(
+            doc! { "_id": &stream },
+            doc! { "$set": { "resync_pending": true } },
+        )
+        .await
+        .unwrap();
+
+    let daemon2 = Daemon::start(&spec);
+    wait_converged(&client, &event_db, &coll, Duration::from_secs(60)).await;
+    let log = wait_for("the re-read summary", Duration::from_secs(20), || {
+        let text = daemon2.log_text();
+        async move {
+            text.lines()
+                .find(|l| l.contains("collection re-read"))
+                .map(str::to_owned)
+        }
+    })
+    .await;
+    // 21 documents scanned; only the 5 updated and 2 new ones read whole.
+    assert!(log.contains("scanned=21"), "{log}");
+    assert!(log.contains("reread=7"), "{log}");
+    drop(daemon);
+}

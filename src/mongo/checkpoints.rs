@@ -24,7 +24,7 @@ impl Store {
         Ok(found.map(|d| Checkpoint {
             token: d.get_document("token").ok().cloned(),
             seq: super::get_int(&d, "seq").unwrap_or(0),
-            resync_pending: d.get_bool("resync_pending").unwrap_or(false),
+            resync_pending: super::get_flag(&d, "resync_pending").unwrap_or(false),
             updated_at: d
                 .get_datetime("updated_at")
                 .ok()

@@ -141,7 +141,7 @@ impl EventRecord {
             op: Operation::parse(&s("op")?).ok_or_else(|| corrupt("unknown op".into()))?,
             patch: s("patch")?,
             origin: d.get_str("origin").ok().map(str::to_owned),
-            stamped: d.get_bool("stamped").unwrap_or(true),
+            stamped: super::get_flag(d, "stamped").unwrap_or(true),
             cluster_time: match d.get("cluster_time") {
                 Some(Bson::Timestamp(t)) => Some(*t),
                 Some(Bson::Document(ct)) => {

@@ -204,3 +204,13 @@ pub fn get_int(d: &bson::Document, key: &str) -> Option<i64> {
         _ => None,
     }
 }
+
+/// Reads a flag stored as a Boolean (or as 0/1 by another tool or server).
+pub fn get_flag(d: &bson::Document, key: &str) -> Option<bool> {
+    match d.get(key)? {
+        Bson::Boolean(b) => Some(*b),
+        Bson::Int32(v) => Some(*v != 0),
+        Bson::Int64(v) => Some(*v != 0),
+        _ => None,
+    }
+}

@@ -225,7 +225,7 @@ impl Store {
         let mut out = HashMap::with_capacity(docs.len());
         for d in docs {
             let key = d.get_str("doc_key").unwrap_or_default().to_owned();
-            let deleted = d.get_bool("deleted").unwrap_or(false);
+            let deleted = super::get_flag(&d, "deleted").unwrap_or(false);
             out.insert(
                 key,
                 (
