@@ -88,6 +88,30 @@ async fn tolerant_load(
 }
 
 /// A client that gives up quickly while the server is away.
+/// Stops the writers, adds a sentinel write after the last fault (it must reach the log
+/// too: the stream did not stall), and waits until the log replays to the collection.
+/// Returns the number of writes and the log.
+async fn stop_load_and_converge(
+    stop: Arc<AtomicBool>,
+    writers: Vec<tokio::task::JoinHandle<usize>>,
+    client: &mongodb::Client,
+    event_db: &str,
+    coll: &mongodb::Collection<Document>,
+    sentinel: &str,
+    timeout: Duration,
+) -> (usize, Vec<eventsync::mongo::events::EventRecord>) {
+    stop.store(true, Ordering::Relaxed);
+    let mut writes = 0;
+    for w in writers {
+        writes += w.await.expect("writer");
+    }
+    coll.insert_one(doc! { "_id": sentinel, "version": 1_i64 })
+        .await
+        .expect("sentinel write");
+    let events = wait_converged(client, event_db, coll, timeout).await;
+    (writes, events)
+}
+
 async fn impatient_client(uri: &str) -> mongodb::Client {
     let mut opts = mongodb::options::ClientOptions::parse(uri)
         .await
@@ -148,17 +172,16 @@ async fn cut_delayed_and_refused_connections_lose_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     proxy.cut_all();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-
-    let mut writes = 0;
-    for w in writers {
-        writes += w.await.expect("writer");
-    }
-    // A write after the last fault must reach the log too (the stream did not stall).
-    coll.insert_one(doc! { "_id": "after-faults", "version": 1_i64 })
-        .await
-        .expect("sentinel write");
-    let events = wait_converged(&client, &event_db, &coll, Duration::from_secs(60)).await;
+    let (writes, events) = stop_load_and_converge(
+        stop,
+        writers,
+        &client,
+        &event_db,
+        &coll,
+        "after-faults",
+        Duration::from_secs(60),
+    )
+    .await;
     assert!(
         daemon.running(),
         "the daemon must survive network faults\n{}",
@@ -278,16 +301,16 @@ async fn server_restarts_during_load_lose_nothing() {
     server = Server(launch_server(port, &dir));
     wait_ping(&uri).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    stop.store(true, Ordering::Relaxed);
-
-    let mut writes = 0;
-    for w in writers {
-        writes += w.await.expect("writer");
-    }
-    coll.insert_one(doc! { "_id": "after-restarts", "version": 1_i64 })
-        .await
-        .expect("sentinel write");
-    let events = wait_converged(&client, &event_db, &coll, Duration::from_secs(90)).await;
+    let (writes, events) = stop_load_and_converge(
+        stop,
+        writers,
+        &client,
+        &event_db,
+        &coll,
+        "after-restarts",
+        Duration::from_secs(90),
+    )
+    .await;
     assert!(
         daemon.running(),
         "the daemon must survive server restarts\n{}",

@@ -85,6 +85,18 @@ pub fn unescape_key(key: &str) -> Result<String, DiffError> {
     }
 }
 
+/// Encodes a document as type-preserving JSON text (how the daemon stores document states).
+pub fn to_text(doc: &Document) -> String {
+    to_value(doc).to_string()
+}
+
+/// Decodes a document from type-preserving JSON text (the reverse of [`to_text`]).
+pub fn from_text(text: &str) -> Result<Document, DiffError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| DiffError::Representation(format!("not JSON: {e}")))?;
+    from_value(&value)
+}
+
 /// Decodes a document from the type-preserving representation.
 pub fn from_value(value: &Value) -> Result<Document, DiffError> {
     match value_to_bson(value)? {

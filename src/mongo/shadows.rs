@@ -67,7 +67,7 @@ pub fn shadow_record(stream: &str, key: &str, s: &Shadow) -> Result<RawDocumentB
     if let Some(doc) = &s.doc {
         // The type-preserving JSON text: exact whatever the keys and types, and storable
         // by any server (no `$`-keys, no types a server might not keep).
-        d.append("doc", repr::to_value(doc).to_string());
+        d.append("doc", repr::to_text(doc));
     }
     Ok(d)
 }
@@ -81,9 +81,7 @@ fn decode(d: &Document) -> Result<(String, Shadow), StoreError> {
     };
     let doc = match d.get("doc") {
         Some(Bson::String(text)) => {
-            let value: serde_json::Value =
-                serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
-            Some(repr::from_value(&value).map_err(|e| corrupt(e.to_string()))?)
+            Some(repr::from_text(text).map_err(|e| corrupt(e.to_string()))?)
         }
         _ => None,
     };

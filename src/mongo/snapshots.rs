@@ -53,7 +53,7 @@ impl SnapshotRecord {
             "compacted_at": self.compacted_at,
         };
         if let Some(doc) = &self.doc {
-            d.insert("doc", repr::to_value(doc).to_string());
+            d.insert("doc", repr::to_text(doc));
         }
         d
     }
@@ -67,9 +67,7 @@ impl SnapshotRecord {
         };
         let doc = match d.get("doc") {
             Some(Bson::String(text)) => {
-                let value: serde_json::Value =
-                    serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
-                Some(repr::from_value(&value).map_err(|e| corrupt(e.to_string()))?)
+                Some(repr::from_text(text).map_err(|e| corrupt(e.to_string()))?)
             }
             _ => None,
         };
