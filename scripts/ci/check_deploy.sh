@@ -424,7 +424,9 @@ PY
 
 # --- 5. Dockerfile lint ---------------------------------------------------------------
 
-log "hadolint $("$VENV/bin/hadolint" --version | grep -Eo '[0-9]+\.[0-9]+\.[0-9]+' | head -1) Dockerfile"
+hadolint_version="$("$VENV/bin/hadolint" --version 2>&1 || true)"
+[[ "$hadolint_version" =~ [0-9]+\.[0-9]+\.[0-9]+ ]] && hadolint_version="${BASH_REMATCH[0]}"
+log "hadolint $hadolint_version Dockerfile"
 "$VENV/bin/hadolint" --no-color --failure-threshold warning Dockerfile \
     || die "hadolint found problems in Dockerfile (fix them, or ignore one rule with a '# hadolint ignore=DLxxxx' comment and a reason)"
 

@@ -77,17 +77,24 @@ wait_until() {
 
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
     command -v apt-get >/dev/null || die "no prometheus/promtool and no apt-get to install them"
-    if ! apt-cache policy prometheus 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    # No `cmd | grep -q` under pipefail: grep -q closes the pipe early and the writer's
+    # SIGPIPE (exit 141) would fail the pipeline. Capture the output, then match it.
+    prometheus_candidate() {
+        local policy
+        policy="$(apt-cache policy prometheus 2>/dev/null || true)"
+        [[ "$policy" =~ Candidate:\ [0-9] ]]
+    }
+    if ! prometheus_candidate; then
         log "apt-get update"
         apt-get update -qq >&2 || die "apt-get update failed"
     fi
-    apt-cache policy prometheus 2>/dev/null | grep -q 'Candidate: [0-9]' \
-        || die "Debian package prometheus is not available"
+    prometheus_candidate || die "Debian package prometheus is not available"
     log "installing Debian's prometheus package"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >&2 \
         || die "apt-get install prometheus failed"
 fi
-log "$(prometheus --version 2>&1 | head -n 1)"
+prometheus_version="$(prometheus --version 2>&1 || true)"
+log "${prometheus_version%%$'\n'*}"
 ensure_venv
 
 if [ -n "${EVENTSYNCD:-}" ]; then

@@ -17,7 +17,9 @@ TIME_LIMIT="${FUZZ_TIME_LIMIT:-170}"
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+# Capture, then match: `cmd | grep -q` fails under pipefail when grep closes the pipe early.
+installed_schemathesis="$("$VENV/bin/schemathesis" --version 2>/dev/null || true)"
+if [[ "$installed_schemathesis" != *"$SCHEMATHESIS_VERSION"* ]]; then
     "$VENV/bin/pip" install --quiet "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
