@@ -88,11 +88,13 @@ pub async fn open(
 }
 
 /// True when the server can no longer resume from the token (ChangeStreamHistoryLost,
-/// ChangeStreamFatalError, or an oplog that rolled past it).
+/// ChangeStreamFatalError, an oplog that rolled past it, or InvalidResumeToken — e.g. the
+/// token of an `invalidate`, which only `startAfter` accepts): the stream is opened anew
+/// and the collection re-read.
 pub fn is_history_lost(e: &mongodb::error::Error) -> bool {
     match e.kind.as_ref() {
         ErrorKind::Command(c) => {
-            matches!(c.code, 286 | 280 | 136)
+            matches!(c.code, 286 | 280 | 136 | 260)
                 || c.code_name == "ChangeStreamHistoryLost"
                 || c.message
                     .contains("resume point may no longer be in the oplog")

@@ -33,8 +33,9 @@ impl Store {
         }))
     }
 
-    /// Stores a checkpoint, fenced by the lease epoch: a replica whose lease was taken over
-    /// (a higher epoch wrote the checkpoint since) gets [`StoreError::Fenced`].
+    /// Stores a checkpoint, fenced by the lease epoch and monotonic in position: a replica
+    /// whose lease was taken over (a higher epoch wrote the checkpoint since), or whose view
+    /// of the log is behind the stored checkpoint, gets [`StoreError::Fenced`].
     pub async fn save_checkpoint(
         &self,
         stream: &str,
@@ -59,7 +60,10 @@ impl Store {
         update.insert("$set", set);
         let result = self
             .checkpoints()
-            .update_one(doc! { "_id": stream, "epoch": { "$lte": epoch } }, update)
+            .update_one(
+                doc! { "_id": stream, "epoch": { "$lte": epoch }, "seq": { "$lte": cp.seq } },
+                update,
+            )
             .upsert(true)
             .await;
         match result {

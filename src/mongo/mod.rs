@@ -112,6 +112,10 @@ pub enum StoreError {
     /// Another replica holds the lease now; this one must stop writing.
     #[error("lease on stream {0} lost: another replica took over")]
     Fenced(String),
+    /// The store did not complete the call (the in-memory store simulating a crash or an
+    /// outage at a chosen write); the caller retries from its checkpoint.
+    #[error("store unavailable during {0}")]
+    Unavailable(&'static str),
 }
 
 impl StoreError {
@@ -121,6 +125,7 @@ impl StoreError {
             StoreError::Mongo(_) => "mongodb",
             StoreError::Corrupt { .. } => "corrupt_record",
             StoreError::Fenced(_) => "fenced",
+            StoreError::Unavailable(_) => "unavailable",
         }
     }
 }
@@ -170,10 +175,16 @@ impl Store {
     /// Creates the indexes the invariants rest on (idempotent).
     pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
         let indexes = [
-            // The chain: one event per (document, version).
+            // The chain: one event per (document, version) and one per version it starts
+            // from, so a document's events can never branch (see `pipeline::store`).
             (
                 self.events(),
                 doc! { "ns": 1, "doc_key": 1, "to_version": 1 },
+                true,
+            ),
+            (
+                self.events(),
+                doc! { "ns": 1, "doc_key": 1, "from_version": 1 },
                 true,
             ),
             // The global order: one event per stream position.

@@ -229,7 +229,7 @@ impl<S: LogStore> Appender<S> {
                     if !dirty.contains(&c.doc_key) {
                         dirty.push(c.doc_key.clone());
                     }
-                    working.insert(c.doc_key.clone(), Some(shadow));
+                    working.insert(c.doc_key.clone(), Some(*shadow));
                 }
                 Outcome::Skip(why) => {
                     stats.skipped += 1;

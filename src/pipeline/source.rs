@@ -66,6 +66,12 @@ pub async fn run(
                 }
             }
             Ok(None) => {
+                if !stream.is_alive() {
+                    // The server closed the cursor (after an `invalidate`: the worker has
+                    // the event and re-opens). Closing the channel ends the run otherwise.
+                    debug!(stream = %stream_name, "change stream closed by the server");
+                    return;
+                }
                 let token = current_token(&stream);
                 let due = last_idle.elapsed() >= idle_every;
                 match token {

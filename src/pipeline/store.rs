@@ -12,9 +12,9 @@
 //!
 //! | write | guard |
 //! |---|---|
-//! | events ([`LogStore::append_events`]) | unique `(stream, seq)` and `(ns, doc_key, to_version)`; a clash is a replay only when the stored event is the same in content, otherwise [`StoreError::Fenced`] |
+//! | events ([`LogStore::append_events`]) | unique `(stream, seq)`, `(ns, doc_key, to_version)` and `(ns, doc_key, from_version)`: positions stay dense and a document's chain cannot branch; a clash is a replay only when the stored event at that position is the same in content, otherwise [`StoreError::Fenced`]. An event a stale holder gets in can therefore only continue the chain from its end, from a state the log holds — the next holder is fenced by it, recovers it and goes on |
 //! | shadows ([`LogStore::save_shadows`]) | monotonic: stored only over a lower log version (`version < new`), so a shadow never moves backwards |
-//! | checkpoint ([`LogStore::save_checkpoint`]) | epoch-conditional: only by the lease epoch that stored it last or a newer one |
+//! | checkpoint ([`LogStore::save_checkpoint`]) | epoch-conditional and monotonic: only by the lease epoch that stored it last or a newer one, and never to a lower position |
 //! | dead letters ([`LogStore::dead_letter`]) | idempotent: keyed by stream and change (resume token), so a replay or a stale holder writes the same record once |
 //! | leases ([`LogStore::acquire_lease`], [`LogStore::renew_lease`]) | compare-and-swap on holder, epoch and expiry |
 //!
@@ -79,7 +79,8 @@ pub trait LogStore: Clone + Send + Sync + 'static {
         stream: &str,
     ) -> impl Future<Output = Result<Option<Checkpoint>, StoreError>> + Send;
 
-    /// Stores a checkpoint unless a newer lease epoch stored one: [`StoreError::Fenced`].
+    /// Stores a checkpoint unless a newer lease epoch stored one or the stored one is at a
+    /// later position: [`StoreError::Fenced`].
     fn save_checkpoint(
         &self,
         stream: &str,

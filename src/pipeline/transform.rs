@@ -67,7 +67,7 @@ pub struct DocChange {
 #[derive(Debug)]
 pub enum Outcome {
     /// Append this event (its `seq` still 0) and store this shadow.
-    Event(Box<EventRecord>, Shadow),
+    Event(Box<EventRecord>, Box<Shadow>),
     /// Nothing new: already covered, a no-op, or waiting for the delete.
     Skip(&'static str),
     /// Cannot become an event; record it and keep the shadow as it is.
@@ -137,14 +137,14 @@ pub fn step(
                         s.stamp.is_some(),
                         None,
                     ),
-                    Shadow {
+                    Box::new(Shadow {
                         doc_id: change.doc_id.clone(),
                         version: to,
                         stamp: None,
                         offset: to.get(),
                         incarnation_from: to,
                         doc: None,
-                    },
+                    }),
                 ),
                 _ => Outcome::Skip("delete of a document the log does not hold"),
             };
@@ -209,14 +209,14 @@ pub fn step(
     let to = step_taken.to();
     Outcome::Event(
         event(op, to, patch_json, origin, stamped, stamp.map(|s| s.0)),
-        Shadow {
+        Box::new(Shadow {
             doc_id: change.doc_id.clone(),
             version: to,
             stamp,
             offset: step_taken.offset(),
             incarnation_from,
             doc: Some(new_doc.clone()),
-        },
+        }),
     )
 }
 
@@ -248,7 +248,7 @@ mod tests {
     fn apply(shadow: &mut Option<Shadow>, c: &DocChange) -> Option<(i64, i64)> {
         match step("db.c", shadow.as_ref(), c, &StampFields::default(), 1 << 20) {
             Outcome::Event(e, s) => {
-                *shadow = Some(s);
+                *shadow = Some(*s);
                 Some((e.from_version, e.to_version))
             }
             _ => None,
@@ -340,7 +340,7 @@ mod tests {
                 shadow.doc.as_ref().and_then(|d| d.get_str("x").ok()),
                 Some("new")
             );
-            s2 = Some(shadow);
+            s2 = Some(*shadow);
             // The incarnation's later stamps continue above every version already used.
             let next = match &c.observed {
                 Observed::Inserted(_) | Observed::Replaced(_) => 2,
