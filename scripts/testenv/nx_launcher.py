@@ -79,14 +79,19 @@ i. Collection lifecycle events (nx emitted none).  ``drop``,
      MongoDB, SERVER-53478);
    - dropDatabase: each collection dropped as above (a collection stream
      sees ``drop`` then ``invalidate``).  The change log survives (nx deleted
-     the database file with it).  Database-level streams still get nothing;
+     the database file with it), so the emptied database may still be
+     listed by listDatabases.  Database-level streams still get nothing;
    - the batch with the ``invalidate`` ends there with cursor id 0; a later
      getMore fails with CursorNotFound (43);
    - ``startAfter`` an invalidate token starts after it (events of a
      re-created collection); ``resumeAfter`` it fails with
      ``{code: 260, codeName: "InvalidResumeToken"}``;
    - a dropped/renamed collection that was tracked is tracked again on the
-     first write that re-creates it, so that write is in the stream history.
+     first write that re-creates it, so that write is in the stream history;
+   - opening a stream on a collection that does not exist does not create it
+     (nx did: a stream re-opened after a drop brought the collection back);
+     the stream starts after the newest change of the database, and tracking
+     starts with the write that creates the collection.
 
 Differences not corrected (know them; don't depend on them)
 -----------------------------------------------------------
@@ -404,6 +409,18 @@ _orig_ensure_tracked = nx_cs.ChangeStreamManager.ensure_tracked
 
 
 def _ensure_tracked(self, db_name, collection_name, get_collection):
+    handler = getattr(self, "_nx_launcher_handler", None)
+    if (
+        handler is not None
+        and isinstance(collection_name, str)
+        and collection_name not in handler.get_database(db_name).list_collection_names()
+    ):
+        # i. Watching a collection does not create it (nx created it, so a
+        # stream re-opened after a drop resurrected the collection).  It is
+        # tracked from the write that creates it (_retrack_before_write).
+        with self._lock:
+            self._nx_launcher_retrack.add((db_name, collection_name))
+        return None
     tracker = _orig_ensure_tracked(self, db_name, collection_name, get_collection)
     if tracker is not None:
         try:
@@ -411,6 +428,32 @@ def _ensure_tracked(self, db_name, collection_name, get_collection):
         except Exception as exc:
             logger.warning("cannot install change-log horizon trigger: %s", exc)
     return tracker
+
+
+_orig_create_stream = nx_cs.ChangeStreamManager.create_stream
+
+
+def _create_stream(self, collection_name, pipeline, resume_after=None,
+                   start_at_operation_time=None, full_document=None, db_name="test",
+                   owner=None, start_after=None, get_collection=None):
+    stream = _orig_create_stream(
+        self, collection_name, pipeline, resume_after=resume_after,
+        start_at_operation_time=start_at_operation_time, full_document=full_document,
+        db_name=db_name, owner=owner, start_after=start_after, get_collection=get_collection,
+    )
+    with self._lock:
+        tracked = (db_name, collection_name) in self._trackers
+    handler = getattr(self, "_nx_launcher_handler", None)
+    if resume_after is None and start_after is None and not tracked and handler is not None:
+        # i. A stream on a collection that does not exist (yet) starts "now":
+        # after the newest change-log row of the database (nx started at 0,
+        # i.e. it replayed the history of an earlier collection of that name).
+        newest = _scalar(
+            handler.get_database(db_name).db,
+            "SELECT seq FROM sqlite_sequence WHERE name = '_neosqlite_changestream'",
+        )
+        stream._watermark = int(newest or 0)
+    return stream
 
 
 def _scalar(sqlite_conn: Any, sql: str, args: tuple = ()) -> Any:
@@ -625,6 +668,7 @@ def _retrack_before_write(handler: Any, cmd: dict[str, Any], msg: Any) -> None:
         )
         if not upsert:
             return
+    database[coll]  # creates the collection, as the write itself would
     if manager.ensure_tracked(db_name, coll, lambda: database[coll]) is not None:
         with manager._lock:
             manager._nx_launcher_retrack.discard(key)
@@ -856,12 +900,21 @@ def _handle_command(self, msg):
                 if _write_gen == seen:
                     _write_cond.wait(min(remaining, 0.5))
 
+    _retrack(self, msg)
+    return _finish_write(self, msg)
+
+
+def _retrack(self, msg) -> None:
+    """i. See _retrack_before_write (OP_MSG writes reach handle_command or,
+    with document sequences, handle_insert)."""
+    cmd = _body(msg)
+    if cmd is None:
+        return
     try:
         with self._lock_for(nx_handler._msg_db_name(msg)):
             _retrack_before_write(self, cmd, msg)
     except Exception as exc:
         logger.warning("cannot re-track before a write: %s", exc)
-    return _finish_write(self, msg)
 
 
 def _finish_write(self, msg):
@@ -872,6 +925,7 @@ def _finish_write(self, msg):
 
 
 def _handle_insert(self, msg):
+    _retrack(self, msg)
     try:
         return _orig_handle_insert(self, msg)
     finally:
@@ -918,6 +972,7 @@ def apply_patches() -> None:
     nx_wire.ResponseBuilder.build_reply = staticmethod(_build_reply)
     nx_cs.ChangeStreamManager.pull_stream = _pull_stream
     nx_cs.ChangeStreamManager.ensure_tracked = _ensure_tracked
+    nx_cs.ChangeStreamManager.create_stream = _create_stream
     nx_handler.NeoSQLiteHandler.__init__ = _handler_init
     nx_handler.NeoSQLiteHandler.handle_command = _handle_command
     nx_handler.NeoSQLiteHandler.handle_insert = _handle_insert
