@@ -514,6 +514,10 @@ def _cursor_not_found(cursor_id: Any) -> dict[str, Any]:
 # extra fields (``ns``/``to`` of a rename) as JSON in ``document_data``.
 # ``_neosqlite_launcher_invalidates`` remembers which row ids are invalidate
 # events (never pruned), so that ``resumeAfter`` one fails with code 260.
+# Shapes: https://www.mongodb.com/docs/manual/reference/change-events/ (drop,
+# rename, dropDatabase, invalidate pages); which commands reach a collection
+# stream (drop; rename from or to it; not dropDatabase itself): MongoDB's
+# change-stream match filter, and SERVER-53478 for rename with dropTarget.
 
 _LIFECYCLE_OPS = frozenset({"drop", "rename", "dropDatabase", "invalidate"})
 _INVALIDATES_TABLE = "_neosqlite_launcher_invalidates"
