@@ -460,7 +460,7 @@ pub struct CheckpointResponse {
     /// `reached`, `pending`, `deleted` (the document is deleted in the log; a write made
     /// before that delete has reached it) or `unknown_document`.
     status: &'static str,
-    /// The log version of the write, when reached.
+    /// The log version of the first state that includes the write, when reached.
     log_version: Option<i64>,
     /// The position of the event that carries it, when still in the log.
     seq: Option<i64>,
@@ -508,15 +508,22 @@ pub async fn write_checkpoint(
             seq: None,
             event_origin: None,
             origin_matches: None,
-            current_version: shadow.version,
+            current_version: shadow.version.get(),
         }));
     }
     match shadow.stamp {
-        Some(stamp) if stamp >= q.version => {
-            let log_version = shadow.offset + q.version;
+        // The write is in the log when the current incarnation's stamp reached it; the
+        // event that carries it is the incarnation's first whose stamp is at least the
+        // version (one event can cover several writes when a lookup ran ahead).
+        Some(stamp) if stamp.0 >= q.version => {
             let ev = store
                 .find_events(
-                    doc! { "ns": &stream, "doc_key": &key, "to_version": { "$gte": log_version } },
+                    doc! {
+                        "ns": &stream,
+                        "doc_key": &key,
+                        "to_version": { "$gt": shadow.incarnation_from.get() },
+                        "stamp": { "$gte": q.version },
+                    },
                     doc! { "to_version": 1 },
                     1,
                 )
@@ -525,11 +532,12 @@ pub async fn write_checkpoint(
             Ok(Json(CheckpointResponse {
                 reached: true,
                 status: "reached",
-                log_version: Some(log_version),
+                // Compacted away: the shadow's state includes the write.
+                log_version: Some(ev.map_or(shadow.version.get(), |e| e.to_version)),
                 seq: ev.map(|e| e.seq),
                 origin_matches: ev.map(|e| e.origin.as_deref() == Some(q.origin.as_str())),
                 event_origin: ev.and_then(|e| e.origin.clone()),
-                current_version: shadow.version,
+                current_version: shadow.version.get(),
             }))
         }
         _ => Ok(Json(CheckpointResponse {
@@ -539,7 +547,7 @@ pub async fn write_checkpoint(
             seq: None,
             event_origin: None,
             origin_matches: None,
-            current_version: shadow.version,
+            current_version: shadow.version.get(),
         })),
     }
 }

@@ -1,32 +1,44 @@
 //! Dead letters: changes the daemon could not turn into events, kept for an operator.
 
-use bson::{doc, Bson, DateTime, Document};
+use bson::{doc, DateTime};
 
 use super::{Store, StoreError};
+use crate::pipeline::store::DeadLetter;
 
 impl Store {
-    /// Records a change that could not become an event.
-    pub async fn dead_letter(
+    /// Records a change that could not become an event: an upsert keyed by stream and
+    /// resume token (`$setOnInsert`), so it is written once however often the change is
+    /// replayed, by this holder or a stale one. Letters without a token (found by a
+    /// re-read) are inserted.
+    pub async fn record_dead_letter(
         &self,
         stream: &str,
-        doc_id: Option<&Bson>,
-        token: Option<&Document>,
-        reason: &str,
-        detail: &str,
+        epoch: i64,
+        letter: &DeadLetter,
     ) -> Result<(), StoreError> {
         let mut d = doc! {
             "stream": stream,
-            "reason": reason,
-            "detail": detail,
+            "reason": &letter.reason,
+            "detail": &letter.detail,
+            "epoch": epoch,
             "at": DateTime::now(),
         };
-        if let Some(id) = doc_id {
+        if let Some(id) = &letter.doc_id {
             d.insert("doc_id", id.clone());
         }
-        if let Some(t) = token {
-            d.insert("token", t.clone());
+        match &letter.token {
+            Some(t) => {
+                d.insert("token", t.clone());
+                let id = doc! { "stream": stream, "token": t.clone() };
+                self.dead_letters()
+                    .update_one(doc! { "_id": id }, doc! { "$setOnInsert": d })
+                    .upsert(true)
+                    .await?;
+            }
+            None => {
+                self.dead_letters().insert_one(d).await?;
+            }
         }
-        self.dead_letters().insert_one(d).await?;
         Ok(())
     }
 }

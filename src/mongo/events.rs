@@ -2,7 +2,6 @@
 
 use bson::{doc, Bson, DateTime, Document, Timestamp};
 use futures_util::TryStreamExt;
-use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::FindOptions;
 use serde::Serialize;
 
@@ -70,6 +69,9 @@ pub struct EventRecord {
     pub origin: Option<String>,
     /// False when the daemon assigned the version because the writer did not stamp it.
     pub stamped: bool,
+    /// The writer's stamp of the document after the event (`None`: a delete, or an
+    /// unstamped document); write checkpoints look it up.
+    pub stamp: Option<i64>,
     /// Cluster time of the change.
     pub cluster_time: Option<Timestamp>,
     /// Wall time of the change.
@@ -95,6 +97,7 @@ impl EventRecord {
             "patch": &self.patch,
             "origin": self.origin.clone().map_or(Bson::Null, Bson::String),
             "stamped": self.stamped,
+            "stamp": self.stamp.map_or(Bson::Null, Bson::Int64),
             "appended_at": self.appended_at,
         };
         if let Some(t) = self.cluster_time {
@@ -111,6 +114,19 @@ impl EventRecord {
             d.insert("token", t.clone());
         }
         d
+    }
+
+    /// True when `other` is the same step of the same document at the same position: a
+    /// replay of this event, not a conflicting one.
+    pub fn same_content(&self, other: &EventRecord) -> bool {
+        self.stream == other.stream
+            && self.seq == other.seq
+            && self.ns == other.ns
+            && self.doc_key == other.doc_key
+            && self.from_version == other.from_version
+            && self.to_version == other.to_version
+            && self.op == other.op
+            && self.patch == other.patch
     }
 
     /// Reads the stored form.
@@ -142,6 +158,7 @@ impl EventRecord {
             patch: s("patch")?,
             origin: d.get_str("origin").ok().map(str::to_owned),
             stamped: super::get_flag(d, "stamped").unwrap_or(true),
+            stamp: super::get_int(d, "stamp"),
             cluster_time: match d.get("cluster_time") {
                 Some(Bson::Timestamp(t)) => Some(*t),
                 Some(Bson::Document(ct)) => {
@@ -166,49 +183,7 @@ impl EventRecord {
     }
 }
 
-fn duplicate_index(e: &mongodb::error::Error) -> Option<usize> {
-    match e.kind.as_ref() {
-        ErrorKind::InsertMany(im) => im
-            .write_errors
-            .as_ref()
-            .and_then(|errs| errs.iter().find(|w| w.code == 11000).map(|w| w.index)),
-        ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == 11000 => Some(0),
-        _ => None,
-    }
-}
-
 impl Store {
-    /// Appends events in order. An event already in the log (same namespace, document and
-    /// `to_version`, as after a crash and replay) is skipped; a clash on the stream position
-    /// with a different event means another replica wrote it: [`StoreError::Fenced`].
-    pub async fn append_events(&self, events: &[EventRecord]) -> Result<(), StoreError> {
-        let mut rest: Vec<Document> = events.iter().map(EventRecord::to_document).collect();
-        let mut offset = 0usize;
-        while !rest.is_empty() {
-            match self.events().insert_many(rest.clone()).ordered(true).await {
-                Ok(_) => return Ok(()),
-                Err(e) => match duplicate_index(&e) {
-                    Some(i) => {
-                        let ev = &events[offset + i];
-                        // Same event again (replay) or another writer's event at our seq?
-                        let existing = self
-                            .events()
-                            .find_one(doc! { "ns": &ev.ns, "doc_key": &ev.doc_key, "to_version": ev.to_version })
-                            .await?;
-                        match existing {
-                            Some(x) if super::get_int(&x, "seq") == Some(ev.seq) => {}
-                            _ => return Err(StoreError::Fenced(ev.stream.clone())),
-                        }
-                        offset += i + 1;
-                        rest.drain(..=i);
-                    }
-                    None => return Err(e.into()),
-                },
-            }
-        }
-        Ok(())
-    }
-
     /// The highest position in a stream's log (0 when empty).
     pub async fn last_seq(&self, stream: &str) -> Result<i64, StoreError> {
         let last = self

@@ -76,69 +76,11 @@ pub struct Held {
 
 // Times are stored as Unix milliseconds (Int64): compared by the server in filters, and
 // kept exactly by any server or tool.
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     DateTime::now().timestamp_millis()
 }
 
 impl Store {
-    /// Tries to acquire or renew the lease on `stream` for `holder`. `Some` when held.
-    pub async fn acquire_lease(
-        &self,
-        stream: &str,
-        holder: &str,
-        ttl: Duration,
-    ) -> Result<Option<Held>, StoreError> {
-        let now = now_ms();
-        let expires = now.saturating_add(ttl.as_millis() as i64);
-        let leases = self.leases();
-        // Renewal by the current holder keeps the epoch.
-        let renewed = leases
-            .find_one_and_update(
-                doc! { "_id": stream, "holder": holder, "expires_at_ms": { "$gt": now } },
-                doc! { "$set": { "expires_at_ms": expires } },
-            )
-            .return_document(mongodb::options::ReturnDocument::After)
-            .await?;
-        if let Some(d) = renewed {
-            return Ok(Some(Held {
-                epoch: super::get_int(&d, "epoch").unwrap_or(0),
-            }));
-        }
-        // Take over an expired lease (or our own expired one): a new epoch.
-        let taken = leases
-            .find_one_and_update(
-                doc! { "_id": stream, "expires_at_ms": { "$lte": now } },
-                doc! { "$set": { "holder": holder, "expires_at_ms": expires, "acquired_at_ms": now }, "$inc": { "epoch": 1_i64 } },
-            )
-            .return_document(mongodb::options::ReturnDocument::After)
-            .await?;
-        if let Some(d) = taken {
-            return Ok(Some(Held {
-                epoch: super::get_int(&d, "epoch").unwrap_or(0),
-            }));
-        }
-        // No lease yet: create it; a concurrent creator wins the unique _id.
-        match leases
-            .insert_one(doc! { "_id": stream, "holder": holder, "expires_at_ms": expires, "acquired_at_ms": now, "epoch": 1_i64 })
-            .await
-        {
-            Ok(_) => Ok(Some(Held { epoch: 1 })),
-            Err(e) if crate::client::is_duplicate_key(&e) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Gives the lease up (graceful shutdown) so another replica takes over at once.
-    pub async fn release_lease(&self, stream: &str, holder: &str) -> Result<(), StoreError> {
-        self.leases()
-            .update_one(
-                doc! { "_id": stream, "holder": holder },
-                doc! { "$set": { "expires_at_ms": now_ms() - 1 } },
-            )
-            .await?;
-        Ok(())
-    }
-
     /// The current holder of a stream's lease, if unexpired.
     pub async fn lease_holder(&self, stream: &str) -> Result<Option<String>, StoreError> {
         let now = now_ms();

@@ -8,6 +8,7 @@ pub mod clients;
 pub mod dead_letters;
 pub mod events;
 pub mod lease;
+pub mod log_store;
 pub mod shadows;
 pub mod snapshots;
 

@@ -324,14 +324,14 @@ impl Store {
             let shadow = self.load_shadow(ns, doc_key).await?;
             let snap = self.load_snapshot(ns, doc_key).await?;
             let shadow_first = match (&shadow, &snap) {
-                (Some(sh), Some(sn)) => sh.version >= sn.version,
+                (Some(sh), Some(sn)) => sh.version.get() >= sn.version,
                 (Some(_), None) => true,
                 _ => false,
             };
             let base = match (shadow, snap) {
                 (Some(s), _) if shadow_first => DocState {
                     doc_id: s.doc_id,
-                    version: s.version,
+                    version: s.version.get(),
                     seq: 0,
                     doc: s.doc,
                 },

@@ -1,30 +1,78 @@
 //! The append stage: turns a batch of changes into events (through the diff stage), then
-//! writes them in the order that makes a crash harmless — events, then shadows, then the
-//! checkpoint — and wakes the publishers.
+//! writes them in the order that makes a crash harmless — dead letters, events, shadows,
+//! then the checkpoint — and wakes the publishers. Every write goes through
+//! [`LogStore`], whose guards (see [`super::store`]) keep a holder that lost its lease
+//! from moving anything backwards or adding a conflicting event.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::time::Instant;
 
-use bson::{DateTime, Document, RawDocumentBuf};
+use bson::{DateTime, Document};
 use lru::LruCache;
+use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::publish::Publisher;
+use super::store::{DeadLetter, LogStore, ShadowWrite};
 use super::transform::{step, DocChange, Outcome};
 use super::PipelineConfig;
 use crate::client::StampFields;
 use crate::mongo::checkpoints::Checkpoint;
 use crate::mongo::events::EventRecord;
 use crate::mongo::shadows::{shadow_record, Shadow, MAX_SHADOW_RECORD_BYTES};
-use crate::mongo::{Store, StoreError};
+use crate::mongo::StoreError;
 use crate::ops::metrics;
 
-/// Appends batches for one stream while this replica holds its lease.
-pub struct Appender {
-    store: Store,
-    stream: String,
+/// The lease a writer holds: its epoch, and a signal that turns true once the lease is
+/// lost (renewal failed or another replica took it). The appender stops before its next
+/// write when it is lost; the store's own guards cover a write already under way.
+#[derive(Debug, Clone)]
+pub struct LeaseGuard {
     epoch: i64,
+    lost: watch::Receiver<bool>,
+}
+
+impl LeaseGuard {
+    /// A guard for the lease held with `epoch`, lost once `lost` turns true.
+    pub fn new(epoch: i64, lost: watch::Receiver<bool>) -> Self {
+        Self { epoch, lost }
+    }
+
+    /// The lease epoch.
+    pub fn epoch(&self) -> i64 {
+        self.epoch
+    }
+
+    /// True once the lease is known to be lost.
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    /// `Err(Fenced)` once the lease is known to be lost.
+    pub fn check(&self, stream: &str) -> Result<(), StoreError> {
+        if self.is_lost() {
+            return Err(StoreError::Fenced(stream.to_owned()));
+        }
+        Ok(())
+    }
+}
+
+/// Whether a batch belongs to a re-read of the collection (stored in the checkpoint so an
+/// interrupted re-read starts again after a crash).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Following the change stream.
+    Live,
+    /// Re-reading the collection (initial sync, history lost, lifecycle event).
+    Rereading,
+}
+
+/// Appends batches for one stream while this replica holds its lease.
+pub struct Appender<S: LogStore> {
+    store: S,
+    stream: String,
+    guard: LeaseGuard,
     fields: StampFields,
     max_event_bytes: usize,
     cache: LruCache<String, Shadow>,
@@ -44,12 +92,21 @@ pub struct BatchStats {
     pub dead: usize,
 }
 
-impl Appender {
+impl BatchStats {
+    /// Adds another batch's counts.
+    pub fn add(&mut self, other: BatchStats) {
+        self.events += other.events;
+        self.skipped += other.skipped;
+        self.dead += other.dead;
+    }
+}
+
+impl<S: LogStore> Appender<S> {
     /// An appender that continues after `checkpoint`.
     pub fn new(
-        store: Store,
+        store: S,
         stream: String,
-        epoch: i64,
+        guard: LeaseGuard,
         fields: StampFields,
         config: &PipelineConfig,
         publisher: Publisher,
@@ -58,7 +115,7 @@ impl Appender {
         Self {
             store,
             stream,
-            epoch,
+            guard,
             fields,
             max_event_bytes: config.max_event_bytes,
             cache: LruCache::new(
@@ -74,14 +131,19 @@ impl Appender {
         &self.stream
     }
 
-    /// The lease epoch the appender writes under.
-    pub fn epoch(&self) -> i64 {
-        self.epoch
+    /// The lease the appender writes under.
+    pub fn guard(&self) -> &LeaseGuard {
+        &self.guard
     }
 
     /// The store.
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// The stamp field names.
+    pub fn fields(&self) -> &StampFields {
+        &self.fields
     }
 
     /// Processes `changes` and stores the checkpoint at `token` (unchanged when `None`).
@@ -89,7 +151,7 @@ impl Appender {
         &mut self,
         changes: &[DocChange],
         token: Option<Document>,
-        resync_pending: bool,
+        phase: Phase,
     ) -> Result<BatchStats, StoreError> {
         let m = metrics();
         let started = Instant::now();
@@ -123,7 +185,7 @@ impl Appender {
         let mut dirty: Vec<String> = Vec::new();
         let mut dead = Vec::new();
         // The stored form of each changed shadow (the latest one per document).
-        let mut records: HashMap<String, RawDocumentBuf> = HashMap::new();
+        let mut records: HashMap<String, ShadowWrite> = HashMap::new();
         let mut seq = self.checkpoint.seq;
         let diff_timer = m.diff_duration.with_label_values(&[&stream]);
         for c in changes {
@@ -135,7 +197,14 @@ impl Appender {
             let outcome = match outcome {
                 Outcome::Event(ev, shadow) => match shadow_record(&stream, &c.doc_key, &shadow) {
                     Ok(r) if r.as_bytes().len() <= MAX_SHADOW_RECORD_BYTES => {
-                        records.insert(c.doc_key.clone(), r);
+                        records.insert(
+                            c.doc_key.clone(),
+                            ShadowWrite {
+                                doc_key: c.doc_key.clone(),
+                                version: shadow.version,
+                                record: r,
+                            },
+                        );
                         Outcome::Event(ev, shadow)
                     }
                     Ok(r) => Outcome::DeadLetter {
@@ -169,7 +238,7 @@ impl Appender {
                 Outcome::DeadLetter { reason, detail } => {
                     stats.dead += 1;
                     warn!(stream = %stream, doc = %c.doc_key, reason, %detail, "change dead-lettered");
-                    dead.push((c.clone(), reason, detail));
+                    dead.push((c, reason, detail));
                 }
             }
         }
@@ -177,28 +246,32 @@ impl Appender {
         let append_timer = Instant::now();
         // Dead letters first: a crash after the events would resume past their changes
         // (recovery moves the checkpoint to the last event), and they would be lost.
-        for (c, reason, detail) in &dead {
-            self.store
-                .dead_letter(&stream, Some(&c.doc_id), c.token.as_ref(), reason, detail)
-                .await?;
-            m.dead_letters
-                .with_label_values(&[stream.as_str(), reason])
-                .inc();
+        for (c, reason, detail) in dead {
+            self.dead_letter(&DeadLetter {
+                doc_id: Some(c.doc_id.clone()),
+                token: c.token.clone(),
+                reason: reason.to_owned(),
+                detail,
+            })
+            .await?;
         }
         if !events.is_empty() {
+            self.guard.check(&stream)?;
             self.store.append_events(&events).await?;
-            let shadows: Vec<RawDocumentBuf> =
+            let shadows: Vec<ShadowWrite> =
                 dirty.iter().filter_map(|k| records.remove(k)).collect();
-            self.store.save_shadow_records(shadows).await?;
+            self.guard.check(&stream)?;
+            self.store.save_shadows(&stream, shadows).await?;
         }
         let next = Checkpoint {
             token: token.or_else(|| self.checkpoint.token.clone()),
             seq,
-            resync_pending,
+            resync_pending: phase == Phase::Rereading,
             updated_at: DateTime::now(),
         };
+        self.guard.check(&stream)?;
         self.store
-            .save_checkpoint(&stream, self.epoch, &next)
+            .save_checkpoint(&stream, self.guard.epoch(), &next)
             .await?;
         self.checkpoint = next;
         m.checkpoint_timestamp
@@ -238,6 +311,37 @@ impl Appender {
         stats.events = events.len();
         debug!(stream = %stream, changes = changes.len(), events = stats.events, took_ms = started.elapsed().as_millis() as u64, "batch appended");
         Ok(stats)
+    }
+
+    /// Stores a checkpoint without a resume token and with a re-read pending: the next run
+    /// opens the change stream anew and re-reads the collection (after a drop, rename or
+    /// invalidate, whose stream cannot be resumed).
+    pub async fn require_reread(&mut self) -> Result<(), StoreError> {
+        let next = Checkpoint {
+            token: None,
+            seq: self.checkpoint.seq,
+            resync_pending: true,
+            updated_at: DateTime::now(),
+        };
+        self.guard.check(&self.stream)?;
+        self.store
+            .save_checkpoint(&self.stream, self.guard.epoch(), &next)
+            .await?;
+        self.checkpoint = next;
+        Ok(())
+    }
+
+    /// Records a change that never reached the diff stage (undecodable, no document key).
+    pub async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        self.guard.check(&self.stream)?;
+        self.store
+            .dead_letter(&self.stream, self.guard.epoch(), letter)
+            .await?;
+        metrics()
+            .dead_letters
+            .with_label_values(&[self.stream.as_str(), letter.reason.as_str()])
+            .inc();
+        Ok(())
     }
 
     /// Forgets cached shadows (after a re-read that bypassed the cache).

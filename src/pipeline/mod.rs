@@ -14,7 +14,9 @@ pub mod publish;
 pub mod recovery;
 pub mod resync;
 pub mod source;
+pub mod store;
 pub mod transform;
+pub mod version;
 pub mod worker;
 
 use serde::Deserialize;

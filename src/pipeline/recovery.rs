@@ -3,26 +3,56 @@
 //! events onto the shadows and moving the checkpoint past them makes the log, the shadows
 //! and the checkpoint agree again before the stream resumes.
 
-use bson::DateTime;
-use tracing::info;
+//!
+//! A stream whose checkpoint is missing while its log is not empty (an operator deleted it
+//! to force a re-read, or it was lost) is not resumed from the log's last token: it
+//! continues after the log's last position and re-reads the collection.
 
+use bson::DateTime;
+use tracing::{info, warn};
+
+use super::append::LeaseGuard;
+use super::store::{LogStore, ShadowWrite};
+use super::transform::basis;
+use super::version::{plan, LogVersion, Stamp, Step};
 use crate::client::StampFields;
 use crate::diff;
 use crate::mongo::checkpoints::Checkpoint;
 use crate::mongo::events::Operation;
-use crate::mongo::shadows::Shadow;
-use crate::mongo::{Store, StoreError};
+use crate::mongo::shadows::{shadow_record, Shadow};
+use crate::mongo::StoreError;
 
-/// Brings shadows and checkpoint up to the end of the stream's log. Returns the checkpoint
-/// to continue from.
-pub async fn recover(
-    store: &Store,
+/// Brings shadows and checkpoint up to the end of the stream's log. `checkpoint` is the
+/// stored one (`None`: none stored). Returns the checkpoint to continue from.
+pub async fn recover<S: LogStore>(
+    store: &S,
     stream: &str,
-    epoch: i64,
+    guard: &LeaseGuard,
     fields: &StampFields,
-    checkpoint: Checkpoint,
+    checkpoint: Option<Checkpoint>,
 ) -> Result<Checkpoint, StoreError> {
-    let mut cp = checkpoint;
+    let mut cp = match checkpoint {
+        Some(cp) => cp,
+        None => {
+            let last = store.last_seq(stream).await?;
+            if last > 0 {
+                warn!(
+                    stream,
+                    seq = last,
+                    "no checkpoint but the log has events: re-reading the collection"
+                );
+            }
+            // No token: the stream is opened anew and the collection re-read; the shadows
+            // are brought up to the log first, below.
+            Checkpoint {
+                token: None,
+                seq: 0,
+                resync_pending: true,
+                updated_at: DateTime::now(),
+            }
+        }
+    };
+    let forget_token = cp.token.is_none();
     let mut replayed = 0usize;
     loop {
         let events = store.events_after(stream, cp.seq, 500).await?;
@@ -34,13 +64,16 @@ pub async fn recover(
             let pos = shadows.iter().position(|(k, _)| *k == ev.doc_key);
             let current = match pos {
                 Some(i) => Some(shadows[i].1.clone()),
-                None => store.load_shadow(stream, &ev.doc_key).await?,
+                None => store
+                    .load_shadows(stream, std::slice::from_ref(&ev.doc_key))
+                    .await?
+                    .remove(&ev.doc_key),
             };
-            let base_version = current.as_ref().map_or(0, |s| s.version);
-            if base_version >= ev.to_version {
+            let base_version = current.as_ref().map_or(LogVersion::NONE, |s| s.version);
+            if base_version.get() >= ev.to_version {
                 continue; // already applied
             }
-            if base_version != ev.from_version {
+            if base_version.get() != ev.from_version {
                 return Err(StoreError::Corrupt {
                     what: "shadow",
                     id: ev.doc_key.clone(),
@@ -50,15 +83,24 @@ pub async fn recover(
                     ),
                 });
             }
+            let to = LogVersion(ev.to_version);
             let next = if ev.op == Operation::Delete {
                 Shadow {
                     doc_id: ev.doc_id.clone(),
-                    version: ev.to_version,
+                    version: to,
                     stamp: None,
-                    offset: ev.to_version,
+                    offset: to.get(),
+                    incarnation_from: to,
                     doc: None,
                 }
             } else {
+                // Whether this event began an incarnation is decided as the diff stage
+                // decided it, from the shadow before and the document's stamp after.
+                let incarnation_from =
+                    match (plan(basis(current.as_ref()), ev.stamp.map(Stamp)), &current) {
+                        (Step::Continue { .. }, Some(s)) => s.incarnation_from,
+                        _ => LogVersion(ev.from_version),
+                    };
                 let base = current.and_then(|s| s.doc).unwrap_or_default();
                 let patch: diff::Patch =
                     serde_json::from_str(&ev.patch).map_err(|e| StoreError::Corrupt {
@@ -71,12 +113,13 @@ pub async fn recover(
                     id: format!("{stream}#{}", ev.seq),
                     reason: e.to_string(),
                 })?;
-                let stamp = fields.version_of(&doc);
+                let stamp = fields.version_of(&doc).map(Stamp);
                 Shadow {
                     doc_id: ev.doc_id.clone(),
-                    version: ev.to_version,
+                    version: to,
                     stamp,
-                    offset: stamp.map_or(ev.to_version, |s| ev.to_version - s),
+                    offset: to.offset_for(stamp),
+                    incarnation_from,
                     doc: Some(doc),
                 }
             };
@@ -85,16 +128,28 @@ pub async fn recover(
                 None => shadows.push((ev.doc_key.clone(), next)),
             }
         }
-        store.save_shadows(stream, &shadows).await?;
+        let writes = shadows
+            .iter()
+            .map(|(key, s)| {
+                Ok(ShadowWrite {
+                    doc_key: key.clone(),
+                    version: s.version,
+                    record: shadow_record(stream, key, s)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        guard.check(stream)?;
+        store.save_shadows(stream, writes).await?;
         replayed += events.len();
         if let Some(last) = events.last() {
             cp.seq = last.seq;
-            if last.token.is_some() {
+            if last.token.is_some() && !forget_token {
                 cp.token = last.token.clone();
             }
         }
         cp.updated_at = DateTime::now();
-        store.save_checkpoint(stream, epoch, &cp).await?;
+        guard.check(stream)?;
+        store.save_checkpoint(stream, guard.epoch(), &cp).await?;
     }
     if replayed > 0 {
         info!(

@@ -1,18 +1,50 @@
 //! The diff stage: from a document's shadow and a change to the next event and shadow.
 //!
-//! Versions: the log version of a stamped document is `offset + stamp`, where `offset`
-//! starts at 0 and grows only when the daemon must number a write itself (an unstamped
-//! writer changed the document without bumping its version) or when a deleted document
-//! is created again (its versions restart at 1 in MongoDB but continue in the log). A
-//! looked-up document that is already several versions ahead yields one event covering
-//! them all; the later change events it covered then find nothing new and are skipped.
+//! Which log version a new state gets is decided by [`super::version::plan`] (stamps,
+//! unstamped writes, incarnations); this stage adds the patch, the operation and the size
+//! checks. A looked-up document that is already several versions ahead yields one event
+//! covering them all; the later change events it covered then find nothing new and are
+//! skipped. A document whose stamp went down (deleted and created again, or restored) gets
+//! an event that replaces the old state: never a skip.
 
 use bson::{Bson, DateTime, Document, Timestamp};
 
+use super::version::{delete_version, plan, Basis, LogVersion, Stamp, Step};
 use crate::client::StampFields;
 use crate::diff;
 use crate::mongo::events::{EventRecord, Operation};
 use crate::mongo::shadows::Shadow;
+
+/// What the daemon observed of one document.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observed {
+    /// An insert event: the document exactly as inserted.
+    Inserted(Document),
+    /// A replace event: the replacement document.
+    Replaced(Document),
+    /// An update event, with the document as the lookup found it — possibly already
+    /// several writes ahead of the change, possibly a later incarnation.
+    LookedUp(Document),
+    /// An update event whose lookup found the document gone: its delete event follows.
+    Gone,
+    /// A delete event.
+    Deleted,
+    /// A re-read of the collection found the document like this (exactly MongoDB's state).
+    Reread(Document),
+}
+
+impl Observed {
+    /// The document state, when the change carries one.
+    pub fn document(&self) -> Option<&Document> {
+        match self {
+            Observed::Inserted(d)
+            | Observed::Replaced(d)
+            | Observed::LookedUp(d)
+            | Observed::Reread(d) => Some(d),
+            Observed::Gone | Observed::Deleted => None,
+        }
+    }
+}
 
 /// A change of one document, as the diff stage sees it.
 #[derive(Debug, Clone)]
@@ -21,13 +53,8 @@ pub struct DocChange {
     pub doc_id: Bson,
     /// The canonical key of the id.
     pub doc_key: String,
-    /// `Some(doc)`: the document now looks like this (looked up); `None` with
-    /// `delete == false`: the lookup found it gone — its delete event will follow.
-    pub full_document: Option<Document>,
-    /// True for a delete.
-    pub delete: bool,
-    /// The change stream reported a whole-document replace.
-    pub replace: bool,
+    /// What was observed.
+    pub observed: Observed,
     /// The change's resume token (none for re-read changes).
     pub token: Option<Document>,
     /// Cluster time of the change.
@@ -52,6 +79,19 @@ pub enum Outcome {
     },
 }
 
+/// What the log knows of a document, from its shadow.
+pub fn basis(shadow: Option<&Shadow>) -> Basis {
+    match shadow {
+        None => Basis::Unknown,
+        Some(s) if s.deleted() => Basis::Deleted { version: s.version },
+        Some(s) => Basis::Alive {
+            version: s.version,
+            stamp: s.stamp,
+            offset: s.offset,
+        },
+    }
+}
+
 /// Computes the outcome of `change` given the document's current shadow.
 pub fn step(
     stream: &str,
@@ -60,20 +100,22 @@ pub fn step(
     fields: &StampFields,
     max_event_bytes: usize,
 ) -> Outcome {
-    let alive = shadow.filter(|s| !s.deleted());
-    let event = |op, from, to, patch: String, origin: Option<String>, stamped| {
+    let basis = basis(shadow);
+    let from = basis.version();
+    let event = |op, to: LogVersion, patch: String, origin: Option<String>, stamped, stamp| {
         Box::new(EventRecord {
             stream: stream.to_owned(),
             seq: 0,
             ns: stream.to_owned(),
             doc_id: change.doc_id.clone(),
             doc_key: change.doc_key.clone(),
-            from_version: from,
-            to_version: to,
+            from_version: from.get(),
+            to_version: to.get(),
             op,
             patch,
             origin,
             stamped,
+            stamp,
             cluster_time: change.cluster_time,
             wall_time: change.wall_time,
             appended_at: DateTime::now(),
@@ -81,66 +123,63 @@ pub fn step(
         })
     };
 
-    if change.delete {
-        return match alive {
-            Some(s) => {
-                let to = s.version + 1;
-                Outcome::Event(
-                    event(Operation::Delete, s.version, to, "[]".into(), None, true),
+    let new_doc = match &change.observed {
+        Observed::Deleted => {
+            return match (delete_version(basis), shadow) {
+                (Some(to), Some(s)) => Outcome::Event(
+                    // The daemon numbers a delete; it is `stamped` when the document it
+                    // removes was under the stamp protocol.
+                    event(
+                        Operation::Delete,
+                        to,
+                        "[]".into(),
+                        None,
+                        s.stamp.is_some(),
+                        None,
+                    ),
                     Shadow {
                         doc_id: change.doc_id.clone(),
                         version: to,
                         stamp: None,
-                        offset: to,
+                        offset: to.get(),
+                        incarnation_from: to,
                         doc: None,
                     },
-                )
-            }
-            None => Outcome::Skip("delete of a document the log does not hold"),
-        };
-    }
-    let Some(new_doc) = &change.full_document else {
-        return Outcome::Skip("document gone at lookup; waiting for its delete");
-    };
-    let stamp = fields.version_of(new_doc);
-    let empty = Document::new();
-    let (prev_doc, prev_version) = match (alive, shadow) {
-        (Some(s), _) => (s.doc.as_ref().unwrap_or(&empty), s.version),
-        (None, Some(dead)) => (&empty, dead.version),
-        (None, None) => (&empty, 0),
-    };
-
-    // Decide the target log version.
-    let (to, offset, stamped, op) = match alive {
-        None => {
-            let op = Operation::Insert;
-            match stamp {
-                Some(n) if n >= 1 => (prev_version + n, prev_version, true, op),
-                _ => (prev_version + 1, prev_version + 1, false, op),
-            }
+                ),
+                _ => Outcome::Skip("delete of a document the log does not hold"),
+            };
         }
-        Some(s) => {
-            let op = if change.replace {
+        Observed::Gone => return Outcome::Skip("document gone at lookup; waiting for its delete"),
+        other => match other.document() {
+            Some(d) => d,
+            None => return Outcome::Skip("no document state"),
+        },
+    };
+    let stamp = fields.version_of(new_doc).map(Stamp);
+    let step_taken = plan(basis, stamp);
+    let empty = Document::new();
+    let (prev_doc, op, incarnation_from) = match (step_taken, shadow) {
+        (Step::Continue { .. }, Some(s)) => (
+            s.doc.as_ref().unwrap_or(&empty),
+            if matches!(change.observed, Observed::Replaced(_)) {
                 Operation::Replace
             } else {
                 Operation::Update
-            };
-            match (stamp, s.stamp) {
-                (Some(n), Some(p)) if n < p => {
-                    return Outcome::Skip("lookup saw a newer incarnation; its delete comes first")
-                }
-                (Some(n), Some(p)) if n > p => (s.offset + n, s.offset, true, op),
-                // Same stamp (or no stamp): only an unstamped write can have changed it.
-                (n, _) => {
-                    let to = s.version + 1;
-                    (to, n.map_or(s.offset, |n| to - n), false, op)
-                }
-            }
+            },
+            s.incarnation_from,
+        ),
+        // Created (again): the patch applies to `{}`.
+        (Step::NewIncarnation { .. }, None) => (&empty, Operation::Insert, from),
+        (Step::NewIncarnation { .. }, Some(s)) if s.deleted() => (&empty, Operation::Insert, from),
+        // A new incarnation over a state the log still holds: one event replaces it.
+        (Step::NewIncarnation { .. }, Some(s)) => {
+            (s.doc.as_ref().unwrap_or(&empty), Operation::Replace, from)
         }
+        (Step::Continue { .. }, None) => (&empty, Operation::Insert, from),
     };
 
     let patch = diff::diff(prev_doc, new_doc);
-    if alive.is_some() && patch.is_empty() {
+    if matches!(step_taken, Step::Continue { .. }) && patch.is_empty() {
         return Outcome::Skip("no change since the last event");
     }
     let patch_json = match serde_json::to_string(&patch) {
@@ -161,18 +200,21 @@ pub fn step(
             ),
         };
     }
+    let stamped = step_taken.stamped();
     let origin = if stamped {
         fields.origin_of(new_doc)
     } else {
         None
     };
+    let to = step_taken.to();
     Outcome::Event(
-        event(op, prev_version, to, patch_json, origin, stamped),
+        event(op, to, patch_json, origin, stamped, stamp.map(|s| s.0)),
         Shadow {
             doc_id: change.doc_id.clone(),
             version: to,
             stamp,
-            offset,
+            offset: step_taken.offset(),
+            incarnation_from,
             doc: Some(new_doc.clone()),
         },
     )
@@ -184,12 +226,19 @@ mod tests {
     use bson::doc;
 
     fn change(doc: Option<Document>, delete: bool) -> DocChange {
+        let observed = match (doc, delete) {
+            (_, true) => Observed::Deleted,
+            (Some(d), false) => Observed::LookedUp(d),
+            (None, false) => Observed::Gone,
+        };
+        observed_change(observed)
+    }
+
+    fn observed_change(observed: Observed) -> DocChange {
         DocChange {
             doc_id: Bson::Int32(1),
             doc_key: "1".into(),
-            full_document: doc,
-            delete,
-            replace: false,
+            observed,
             token: None,
             cluster_time: None,
             wall_time: None,
@@ -260,6 +309,69 @@ mod tests {
             ),
             Some((2, 3))
         );
+    }
+
+    #[test]
+    fn a_lower_stamp_replaces_the_old_incarnation() {
+        let mut s = None;
+        let v = |n: i64, x: &str| doc! { "_id": 1, "x": x, "version": n };
+        for n in 1..=5 {
+            assert!(apply(&mut s, &change(Some(v(n, "old")), false)).is_some());
+        }
+        // Deleted and created again while the log was not looking (a re-read, an insert
+        // or a replace — or a lookup that ran into the new incarnation): never skipped.
+        for observed in [
+            Observed::Reread(v(2, "new")),
+            Observed::Inserted(v(1, "new")),
+            Observed::Replaced(v(1, "new")),
+            Observed::LookedUp(v(2, "new")),
+        ] {
+            let mut s2 = s.clone();
+            let c = observed_change(observed);
+            let Outcome::Event(ev, shadow) =
+                step("db.c", s2.as_ref(), &c, &StampFields::default(), 1 << 20)
+            else {
+                panic!("a new incarnation must produce an event");
+            };
+            assert_eq!((ev.from_version, ev.to_version), (5, 6));
+            assert_eq!(ev.op, Operation::Replace);
+            assert_eq!(shadow.incarnation_from, LogVersion(5));
+            assert_eq!(
+                shadow.doc.as_ref().and_then(|d| d.get_str("x").ok()),
+                Some("new")
+            );
+            s2 = Some(shadow);
+            // The incarnation's later stamps continue above every version already used.
+            let next = match &c.observed {
+                Observed::Inserted(_) | Observed::Replaced(_) => 2,
+                _ => 3,
+            };
+            assert_eq!(
+                apply(&mut s2, &change(Some(v(next, "new")), false)),
+                Some((6, 7))
+            );
+        }
+    }
+
+    #[test]
+    fn deletes_say_whether_the_document_was_stamped() {
+        for (d, stamped) in [
+            (doc! { "_id": 1, "a": 1 }, false),
+            (doc! { "_id": 1, "a": 1, "version": 1_i64 }, true),
+        ] {
+            let mut s = None;
+            apply(&mut s, &change(Some(d), false));
+            let Outcome::Event(ev, _) = step(
+                "db.c",
+                s.as_ref(),
+                &change(None, true),
+                &StampFields::default(),
+                1 << 20,
+            ) else {
+                panic!("delete of a live document is an event");
+            };
+            assert_eq!(ev.stamped, stamped);
+        }
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! One stream on this replica: stand by until the lease is ours, then recover, (re)sync if
 //! needed, and run source → transform → append until shutdown, a lost lease or an error
 //! (after which it starts again from the checkpoint).
+//!
+//! The lease is renewed from the moment it is taken — through recovery and re-reads, not
+//! only live — by a task that runs beside the whole run; when it is lost, the run is
+//! dropped at once (wherever it is: every point between two writes is safe, see
+//! [`super::store`]) and the appender's [`LeaseGuard`] refuses further writes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,16 +15,16 @@ use mongodb::Collection;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, info_span, warn, Instrument};
 
-use super::append::Appender;
+use super::append::{Appender, LeaseGuard, Phase};
 use super::publish::Publisher;
 use super::recovery::recover;
 use super::resync::resync;
 use super::source::{self, Item, SourceError};
-use super::transform::DocChange;
+use super::store::{DeadLetter, LogStore};
+use super::transform::{DocChange, Observed};
 use super::PipelineConfig;
 use crate::client::StampFields;
 use crate::mongo::change_stream::{self, is_history_lost, ChangeKind};
-use crate::mongo::checkpoints::Checkpoint;
 use crate::mongo::lease::LeaseConfig;
 use crate::mongo::{doc_key, Store, StoreError};
 use crate::ops::health::{Health, StreamRole};
@@ -108,10 +113,30 @@ impl StreamWorker {
                         m.lease_held.with_label_values(&[&self.name]).set(1);
                         m.lease_acquired.with_label_values(&[&self.name]).inc();
                         self.health.set_role(&self.name, StreamRole::Consuming);
-                        let result = self.run_owned(held.epoch, &mut shutdown).await;
+                        // Renewed from now on, whatever the run is doing.
+                        let (lost_tx, mut lost_rx) = watch::channel(false);
+                        let guard = LeaseGuard::new(held.epoch, lost_rx.clone());
+                        let renewer = AbortOnDrop(tokio::spawn(renew_lease(
+                            self.store.clone(),
+                            self.name.clone(),
+                            self.holder.clone(),
+                            self.lease.clone(),
+                            held.epoch,
+                            lost_tx,
+                        )));
+                        let result = tokio::select! {
+                            r = self.run_owned(guard, &mut shutdown) => r,
+                            _ = lost_rx.wait_for(|lost| *lost) => Err(WorkerError::LeaseLost),
+                        };
+                        drop(renewer);
                         m.lease_held.with_label_values(&[&self.name]).set(0);
                         match result {
-                            Ok(()) => break,
+                            Ok(()) => {
+                                if let Err(e) = self.store.release_lease(&self.name, &self.holder, held.epoch).await {
+                                    warn!(error = %e, "could not release the lease; it expires on its own");
+                                }
+                                break;
+                            }
                             Err(WorkerError::Reopen(why)) => {
                                 warn!(%why, "re-opening the stream and re-reading the collection");
                                 backoff = base;
@@ -138,37 +163,25 @@ impl StreamWorker {
                     }
                 }
             }
-            if let Err(e) = self.store.release_lease(&self.name, &self.holder).await {
-                warn!(error = %e, "could not release the lease; it expires on its own");
-            }
             info!("stream stopped");
         }
         .instrument(span)
         .await
     }
 
-    /// One run while holding the lease with `epoch`.
+    /// One run while holding the lease `guard` stands for.
     async fn run_owned(
         &self,
-        epoch: i64,
+        guard: LeaseGuard,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), WorkerError> {
         let m = metrics();
-        let stored = self
-            .store
-            .load_checkpoint(&self.name)
-            .await?
-            .unwrap_or(Checkpoint {
-                token: None,
-                seq: 0,
-                resync_pending: false,
-                updated_at: DateTime::now(),
-            });
-        let cp = recover(&self.store, &self.name, epoch, &self.fields, stored).await?;
+        let stored = self.store.load_checkpoint(&self.name).await?;
+        let cp = recover(&self.store, &self.name, &guard, &self.fields, stored).await?;
         let mut appender = Appender::new(
             self.store.clone(),
             self.name.clone(),
-            epoch,
+            guard,
             self.fields.clone(),
             &self.pipeline,
             self.publisher.clone(),
@@ -194,18 +207,26 @@ impl StreamWorker {
                 let s = change_stream::open(&self.source, None, batch, max_await)
                     .await
                     .map_err(WorkerError::Open)?;
-                (s, Some("initial"))
+                (
+                    s,
+                    Some(if cp.resync_pending && cp.seq > 0 {
+                        "reopened"
+                    } else {
+                        "initial"
+                    }),
+                )
             }
         };
         if let Some(reason) = reason {
             m.resyncs.with_label_values(&[&self.name, reason]).inc();
             let start = change_stream::current_token(&stream);
             info!(reason, "re-reading the collection before going live");
-            appender.process(&[], start.clone(), true).await?;
+            appender
+                .process(&[], start.clone(), Phase::Rereading)
+                .await?;
             resync(
                 &mut appender,
                 &self.source,
-                &self.fields,
                 start,
                 self.pipeline.batch_size,
                 self.pipeline.resync_compare,
@@ -221,16 +242,6 @@ impl StreamWorker {
             Duration::from_millis(self.pipeline.idle_checkpoint_ms),
         ));
         let _reader_guard = AbortOnDrop(reader);
-        let (lost_tx, mut lost_rx) = watch::channel(false);
-        let renewer = tokio::spawn(renew_lease(
-            self.store.clone(),
-            self.name.clone(),
-            self.holder.clone(),
-            self.lease.clone(),
-            epoch,
-            lost_tx,
-        ));
-        let _renew_guard = AbortOnDrop(renewer);
 
         let mut items = Vec::with_capacity(self.pipeline.batch_size);
         loop {
@@ -242,7 +253,6 @@ impl StreamWorker {
                         return Ok(());
                     }
                 }
-                _ = lost_rx.changed() => return Err(WorkerError::LeaseLost),
                 n = rx.recv_many(&mut items, self.pipeline.batch_size) => {
                     if n == 0 {
                         return Err(WorkerError::ReaderStopped);
@@ -258,7 +268,11 @@ impl StreamWorker {
     }
 
     /// Turns source items into one appended batch (plus dead letters and lifecycle events).
-    async fn handle(&self, appender: &mut Appender, items: Vec<Item>) -> Result<(), WorkerError> {
+    async fn handle(
+        &self,
+        appender: &mut Appender<Store>,
+        items: Vec<Item>,
+    ) -> Result<(), WorkerError> {
         let m = metrics();
         let mut changes: Vec<DocChange> = Vec::with_capacity(items.len());
         let mut token: Option<Document> = None;
@@ -279,7 +293,8 @@ impl StreamWorker {
                         | ChangeKind::Replace
                         | ChangeKind::Delete => {
                             let Some(id) = c.doc_id.clone() else {
-                                self.dead(
+                                dead(
+                                    appender,
                                     Some(&c.token),
                                     None,
                                     "no_document_key",
@@ -291,18 +306,28 @@ impl StreamWorker {
                             let full = match c.full_document {
                                 Ok(d) => d,
                                 Err(reason) => {
-                                    self.dead(Some(&c.token), Some(&id), "undecodable", &reason)
-                                        .await?;
+                                    dead(
+                                        appender,
+                                        Some(&c.token),
+                                        Some(&id),
+                                        "undecodable",
+                                        &reason,
+                                    )
+                                    .await?;
                                     continue;
                                 }
                             };
-                            let delete = c.kind == ChangeKind::Delete;
+                            let observed = match (&c.kind, full) {
+                                (ChangeKind::Delete, _) => Observed::Deleted,
+                                (ChangeKind::Insert, Some(d)) => Observed::Inserted(d),
+                                (ChangeKind::Replace, Some(d)) => Observed::Replaced(d),
+                                (_, Some(d)) => Observed::LookedUp(d),
+                                (_, None) => Observed::Gone,
+                            };
                             changes.push(DocChange {
                                 doc_key: doc_key(&id),
                                 doc_id: id,
-                                full_document: if delete { None } else { full },
-                                delete,
-                                replace: c.kind == ChangeKind::Replace,
+                                observed,
                                 token: Some(c.token),
                                 cluster_time: c.cluster_time,
                                 wall_time: c.wall_time,
@@ -329,8 +354,7 @@ impl StreamWorker {
                     }
                 }
                 Item::Undecodable { reason, token: t } => {
-                    self.dead(t.as_ref(), None, "undecodable_event", &reason)
-                        .await?;
+                    dead(appender, t.as_ref(), None, "undecodable_event", &reason).await?;
                     if t.is_some() {
                         token = t;
                     }
@@ -348,7 +372,7 @@ impl StreamWorker {
         if !changes.is_empty() || token.is_some() {
             let stale = token.is_some() && token == appender.checkpoint.token && changes.is_empty();
             if !stale {
-                appender.process(&changes, token, false).await?;
+                appender.process(&changes, token, Phase::Live).await?;
             }
         }
         if let Some(lag) = lag {
@@ -359,15 +383,7 @@ impl StreamWorker {
         }
         if let Some(kind) = reopen {
             // Re-read on the next run: the collection's documents may all be gone.
-            let cp = Checkpoint {
-                token: None,
-                seq: appender.checkpoint.seq,
-                resync_pending: true,
-                updated_at: DateTime::now(),
-            };
-            self.store
-                .save_checkpoint(&self.name, appender_epoch(appender), &cp)
-                .await?;
+            appender.require_reread().await?;
             return Err(WorkerError::Reopen(kind));
         }
         match failure {
@@ -375,27 +391,25 @@ impl StreamWorker {
             None => Ok(()),
         }
     }
-
-    async fn dead(
-        &self,
-        token: Option<&Document>,
-        id: Option<&bson::Bson>,
-        reason: &'static str,
-        detail: &str,
-    ) -> Result<(), StoreError> {
-        warn!(reason, %detail, "change dead-lettered");
-        metrics()
-            .dead_letters
-            .with_label_values(&[&self.name, reason])
-            .inc();
-        self.store
-            .dead_letter(&self.name, id, token, reason, detail)
-            .await
-    }
 }
 
-fn appender_epoch(a: &Appender) -> i64 {
-    a.epoch()
+/// Records a change that never reached the diff stage.
+async fn dead<S: LogStore>(
+    appender: &Appender<S>,
+    token: Option<&Document>,
+    id: Option<&bson::Bson>,
+    reason: &'static str,
+    detail: &str,
+) -> Result<(), StoreError> {
+    warn!(reason, %detail, "change dead-lettered");
+    appender
+        .dead_letter(&DeadLetter {
+            doc_id: id.cloned(),
+            token: token.cloned(),
+            reason: reason.to_owned(),
+            detail: detail.to_owned(),
+        })
+        .await
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -406,9 +420,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Renews the lease; reports loss when a renewal fails to keep it or errors outlast the TTL.
-async fn renew_lease(
-    store: Store,
+/// Renews the lease; reports loss when a renewal finds it taken or errors outlast the TTL.
+async fn renew_lease<S: LogStore>(
+    store: S,
     stream: String,
     holder: String,
     lease: LeaseConfig,
@@ -418,10 +432,13 @@ async fn renew_lease(
     let mut last_ok = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(lease.renew()).await;
-        match store.acquire_lease(&stream, &holder, lease.ttl()).await {
-            Ok(Some(held)) if held.epoch == epoch => last_ok = tokio::time::Instant::now(),
-            Ok(_) => {
-                warn!(%stream, "lease taken by another replica");
+        match store
+            .renew_lease(&stream, &holder, epoch, lease.ttl())
+            .await
+        {
+            Ok(true) => last_ok = tokio::time::Instant::now(),
+            Ok(false) => {
+                warn!(%stream, epoch, "lease taken by another replica");
                 let _ = lost.send(true);
                 return;
             }
