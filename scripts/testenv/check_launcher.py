@@ -89,8 +89,13 @@ class RawStream:
             pipeline.append({"$match": extra})
         return pipeline
 
+    @property
+    def getmore_coll(self) -> str:
+        """getMore's ``collection``: a database-level stream (aggregate: 1) has none."""
+        return self.coll if isinstance(self.coll, str) else "$cmd.aggregate"
+
     def get_more(self, max_time_ms: int | None = None, batch_size: int | None = None) -> list:
-        kwargs = {"collection": self.coll, "maxTimeMS": max_time_ms or self.max_time_ms}
+        kwargs = {"collection": self.getmore_coll, "maxTimeMS": max_time_ms or self.max_time_ms}
         if batch_size:
             kwargs["batchSize"] = batch_size
         reply = self.db.command("getMore", self.id, codec_options=self.codec, **kwargs)
@@ -124,7 +129,7 @@ class RawStream:
         events: list = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            reply = self.db.command("getMore", self.id, collection=self.coll,
+            reply = self.db.command("getMore", self.id, collection=self.getmore_coll,
                                     maxTimeMS=self.max_time_ms, codec_options=self.codec)
             cursor = reply["cursor"]
             check(type(cursor["id"]) is Int64, "getMore cursor.id is Int64")
@@ -185,7 +190,7 @@ def check_ordered(events: list) -> None:
 def expect_closed(db, stream: "RawStream") -> None:
     """After the invalidate batch the cursor is gone: getMore -> CursorNotFound."""
     try:
-        db.command("getMore", stream.id, collection=stream.coll, maxTimeMS=50)
+        db.command("getMore", stream.id, collection=stream.getmore_coll, maxTimeMS=50)
         check(False, "getMore after an invalidate must fail")
     except OperationFailure as exc:
         check(exc.code == CURSOR_NOT_FOUND, f"getMore after invalidate: code 43, got {exc.code}")
@@ -343,12 +348,29 @@ def check_lifecycle(client, suffix: str) -> None:
 
     # -- dropDatabase ---------------------------------------------------------------
     gone = client[f"launcher_life_db_{suffix}"]
+    whole_db = RawStream(gone, 1)  # a database-level stream (db.watch())
     gone["p"].insert_one({"_id": 1})
     gone["q"].insert_one({"_id": 1})
+    gone["s"].insert_one({"_id": 1})
     on_p, on_q = RawStream(gone, "p"), RawStream(gone, "q")
     gone["p"].insert_one({"_id": 2})
     before = on_p.drain(expect=1)
+    gone["s"].rename("t")
     client.drop_database(gone.name)
+    # database stream: rename (no invalidate), a drop per collection, dropDatabase, invalidate
+    db_events = whole_db.until_closed()
+    ops = [e["operationType"] for e in db_events]
+    check(ops == ["rename", "drop", "drop", "drop", "dropDatabase", "invalidate"],
+          f"database stream: rename, drop x3, dropDatabase, invalidate: {ops}")
+    check_lifecycle_event(db_events[0], "rename", {"db": gone.name, "coll": "s"},
+                          to={"db": gone.name, "coll": "t"})
+    for ev in db_events[1:4]:
+        check_lifecycle_event(ev, "drop", ev["ns"])
+    check(sorted(e["ns"]["coll"] for e in db_events[1:4]) == ["p", "q", "t"], "a drop per collection")
+    check_lifecycle_event(db_events[4], "dropDatabase", {"db": gone.name})
+    check_lifecycle_event(db_events[5], "invalidate", None)
+    check_ordered(db_events)
+    expect_closed(gone, whole_db)
     for stream, name in ((on_p, "p"), (on_q, "q")):
         tail = stream.until_closed()
         check([e["operationType"] for e in tail] == ["drop", "invalidate"],
@@ -372,8 +394,9 @@ def check_lifecycle(client, suffix: str) -> None:
     reborn.kill()
     client.drop_database(gone.name)
     client.drop_database(dbname)
-    ok("i. dropDatabase: each collection stream gets drop then invalidate; the change log survives, "
-       "so startAfter continues with ordered tokens and resumeAfter the invalidate -> 260")
+    ok("i. dropDatabase: each collection stream gets drop then invalidate; a database stream gets "
+       "rename/drop of its collections, then dropDatabase {.., ns: {db}} and invalidate; the change "
+       "log survives, so startAfter continues with ordered tokens and resumeAfter the invalidate -> 260")
 
 
 def main(uri: str) -> int:

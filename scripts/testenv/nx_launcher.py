@@ -80,7 +80,11 @@ i. Collection lifecycle events (nx emitted none).  ``drop``,
    - dropDatabase: each collection dropped as above (a collection stream
      sees ``drop`` then ``invalidate``).  The change log survives (nx deleted
      the database file with it), so the emptied database may still be
-     listed by listDatabases.  Database-level streams still get nothing;
+     listed by listDatabases;
+   - a database-level stream (``db.watch()``; nx delivers no document events
+     on it) gets these lifecycle events as MongoDB sends them: ``drop`` and
+     ``rename`` of its collections, and for dropDatabase a ``drop`` per
+     collection, ``dropDatabase`` {.., ns: {db}}, then ``invalidate``;
    - the batch with the ``invalidate`` ends there with cursor id 0; a later
      getMore fails with CursorNotFound (43);
    - ``startAfter`` an invalidate token starts after it (events of a
@@ -103,8 +107,8 @@ Differences not corrected (know them; don't depend on them)
   ``?directConnection=true``; drivers refuse transactions on it.  nx allows
   change streams on it (MongoDB would need a replica set).  Commands carry no
   ``operationTime``/``$clusterTime``.
-- Only collection-level streams deliver events (database/cluster ``watch`` get
-  none, not even ``dropDatabase``).
+- Only collection-level streams deliver document events (database-level
+  streams get only lifecycle events, cluster-level ones nothing).
 - Change tracking for a collection starts when the first stream on it is
   opened (writes before that are in no history).
 - ``startAtOperationTime`` is ignored (starts now); ``$changeStream``
@@ -328,6 +332,8 @@ def _pull_stream(self, stream, batch_size: int = 101):
     batch: list[dict[str, Any]] = []
     if getattr(stream, "_nx_launcher_invalidated", False):
         return batch, nx_cs._wire_token(stream._watermark)
+    if not isinstance(stream.collection_name, str):
+        return _pull_database_stream(self, stream, batch_size)
     if tracker is not None:
         collection = tracker["collection"]
     else:
@@ -444,6 +450,12 @@ def _create_stream(self, collection_name, pipeline, resume_after=None,
     with self._lock:
         tracked = (db_name, collection_name) in self._trackers
     handler = getattr(self, "_nx_launcher_handler", None)
+    if handler is not None and not isinstance(collection_name, str):
+        # i. A database-level stream: its lifecycle events go to the change log.
+        sqlite_conn = handler.get_database(db_name).db
+        sqlite_conn.execute(_CHANGE_LOG_DDL)
+        if not sqlite_conn.in_transaction:
+            sqlite_conn.commit()
     if resume_after is None and start_after is None and not tracked and handler is not None:
         # i. A stream on a collection that does not exist (yet) starts "now":
         # after the newest change-log row of the database (nx started at 0,
@@ -520,6 +532,22 @@ def _cursor_not_found(cursor_id: Any) -> dict[str, Any]:
 # change-stream match filter, and SERVER-53478 for rename with dropTarget.
 
 _LIFECYCLE_OPS = frozenset({"drop", "rename", "dropDatabase", "invalidate"})
+# collection_name of the rows only database-level streams read ("$" cannot
+# start a collection name)
+_DB_ROWS = "$database"
+# nx's (neosqlite's) change log, created for a database-level stream opened
+# before any collection stream of its database
+_CHANGE_LOG_DDL = """
+    CREATE TABLE IF NOT EXISTS _neosqlite_changestream (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        collection_name TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        document_id INTEGER,
+        document_data TEXT,
+        document_id_value TEXT,
+        timestamp DATETIME DEFAULT CURRENT_TIMESTAMP
+    )
+"""
 _INVALIDATES_TABLE = "_neosqlite_launcher_invalidates"
 _INVALID_RESUME_MSG = (
     "Attempting to resume a change stream using 'resumeAfter' is not allowed "
@@ -725,7 +753,51 @@ def _handle_drop_database(handler: Any, request_id: Any, cmd: dict[str, Any]):
         database = handler.get_database(db_name)
         for coll in database.list_collection_names():
             _drop_collection(handler, db_name, coll)
+        # Read by database-level streams only (_pull_database_stream).
+        _append_lifecycle(
+            database,
+            [(_DB_ROWS, "dropDatabase", {"ns": {"db": db_name}}), (_DB_ROWS, "invalidate", None)],
+        )
     return request_id, {"dropped": db_name, "ok": 1}
+
+
+def _pull_database_stream(manager: Any, stream: Any, batch_size: int):
+    """A database-level stream (``db.watch()``, ``aggregate: 1``): nx records
+    no document changes for it, but it gets the database's lifecycle events
+    as MongoDB sends them: ``drop`` and ``rename`` of its collections (they do
+    not invalidate it), and on dropDatabase, after a ``drop`` per collection,
+    ``dropDatabase`` then ``invalidate``."""
+    batch: list[dict[str, Any]] = []
+    handler = getattr(manager, "_nx_launcher_handler", None)
+    if handler is None:
+        return batch, nx_cs._wire_token(stream._watermark)
+    try:
+        rows = handler.get_database(stream.db_name).db.execute(
+            "SELECT id, operation, collection_name, document_data, timestamp "
+            "FROM _neosqlite_changestream WHERE id > ? AND (operation IN ('drop', 'rename') "
+            "OR collection_name = ?) ORDER BY id LIMIT ?",
+            (stream._watermark, _DB_ROWS, batch_size),
+        ).fetchall()
+    except Exception as exc:
+        logger.debug("database stream pull skipped: %s", exc)
+        return batch, nx_cs._wire_token(stream._watermark)
+    high = stream._watermark
+    for rowid, operation, coll, data, ts in rows:
+        rowid = int(rowid)
+        high = rowid
+        event = _lifecycle_event(stream, rowid, operation, data, _row_time(ts))
+        if operation == "rename" and event.get("ns", {}).get("coll") != coll:
+            continue  # the copy of a rename logged for the target's streams
+        if operation == "invalidate":
+            batch.append(event)
+            stream._last_token_id = rowid
+            stream._nx_launcher_invalidated = True
+            break
+        if nx_cs._pipeline_matches(event, stream.pipeline):
+            batch.append(event)
+            stream._last_token_id = rowid
+    stream._watermark = high
+    return batch, nx_cs._wire_token(stream._watermark)
 
 
 def _split_ns(ns: Any) -> tuple[str, str] | None:
