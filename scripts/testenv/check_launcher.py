@@ -230,6 +230,16 @@ def check_lifecycle(client, suffix: str) -> None:
     check(token_rowid(reopened.pbrt) >= token_rowid(inval_token),
           "a stream opened after the drop starts after the invalidate")
     reopened.kill()
+    # a stream far behind (>1000 changes, nx's retention) still reads every change before the drop
+    slow = db["life_slow"]
+    slow.insert_one({"_id": -1})
+    lagging = RawStream(db, slow.name)
+    slow.insert_many([{"_id": i} for i in range(1100)])
+    slow.drop()
+    got = lagging.until_closed(timeout=60)
+    check([e["operationType"] for e in got] == ["insert"] * 1100 + ["drop", "invalidate"]
+          and [e["documentKey"]["_id"] for e in got[:1100]] == list(range(1100)),
+          f"lagging stream: 1100 inserts, drop, invalidate (got {len(got)} events)")
     # pymongo's watch() ends at the invalidate (no resume attempt on the closed cursor)
     wcoll = db["life_watch"]
     wcoll.insert_one({"_id": "w"})

@@ -671,7 +671,30 @@ def _untrack(manager: Any, db_name: str, coll: str) -> None:
         if tracker is not None:
             manager._nx_launcher_retrack.add((db_name, coll))
     if tracker is not None:
-        manager._drop_tracker_locked(tracker)
+        _end_tracking(tracker)
+
+
+def _end_tracking(tracker: dict[str, Any]) -> None:
+    """Drop a tracked collection's change triggers and retire nx's watcher
+    for it, keeping its change-log rows: closing the watcher (what nx does)
+    would prune them to the newest 1000, behind streams still reading them."""
+    from neosqlite import changestream as neo_cs
+
+    watcher = tracker.get("watcher")
+    collection = tracker["collection"]
+    sqlite_conn = collection.db
+    name = getattr(watcher, "_sanitized_name", None) or collection.name
+    for kind in ("insert", "update", "delete"):
+        sqlite_conn.execute(f'DROP TRIGGER IF EXISTS "_neosqlite_{name}_{kind}_trigger"')
+    if watcher is not None:
+        # what watcher.close() does, minus the prune: a later watcher on this
+        # name must find no registered stream, so that it creates triggers
+        watcher._closed = True
+        entry = neo_cs._registry_entry(sqlite_conn)
+        entry["counts"].pop(collection.name, None)
+        entry["streams"].pop(collection.name, None)
+    if not sqlite_conn.in_transaction:
+        sqlite_conn.commit()
 
 
 def _retrack_before_write(handler: Any, cmd: dict[str, Any], msg: Any) -> None:
