@@ -89,8 +89,13 @@ class RawStream:
             pipeline.append({"$match": extra})
         return pipeline
 
+    @property
+    def getmore_coll(self) -> str:
+        """getMore's ``collection``: a database-level stream (aggregate: 1) has none."""
+        return self.coll if isinstance(self.coll, str) else "$cmd.aggregate"
+
     def get_more(self, max_time_ms: int | None = None, batch_size: int | None = None) -> list:
-        kwargs = {"collection": self.coll, "maxTimeMS": max_time_ms or self.max_time_ms}
+        kwargs = {"collection": self.getmore_coll, "maxTimeMS": max_time_ms or self.max_time_ms}
         if batch_size:
             kwargs["batchSize"] = batch_size
         reply = self.db.command("getMore", self.id, codec_options=self.codec, **kwargs)
@@ -118,6 +123,23 @@ class RawStream:
     def kill(self) -> dict:
         return self.db.command("killCursors", self.coll, cursors=[self.id])
 
+    def until_closed(self, timeout: float = 20.0) -> list:
+        """getMore until the server closes the cursor (id 0, as after an
+        invalidate event); returns every event read on the way."""
+        events: list = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            reply = self.db.command("getMore", self.id, collection=self.getmore_coll,
+                                    maxTimeMS=self.max_time_ms, codec_options=self.codec)
+            cursor = reply["cursor"]
+            check(type(cursor["id"]) is Int64, "getMore cursor.id is Int64")
+            self.pbrt = cursor["postBatchResumeToken"]
+            events += list(cursor["nextBatch"])
+            if cursor["id"] == 0:
+                return events
+            check(cursor["id"] == self.id, "change stream cursor stays open until closed")
+        raise AssertionError(f"cursor not closed within {timeout}s; events so far: {events}")
+
 
 def token_rowid(token) -> int:
     return int(token["_data"].split(":")[1])
@@ -134,6 +156,257 @@ def check_event_shape(ev: dict, coll: str, dbname: str) -> None:
     check("updateDescription" not in ev, "no updateDescription field (nx sent null)")
     if ev["operationType"] == "delete":
         check("fullDocument" not in ev, "delete event has no fullDocument")
+
+
+INVALID_RESUME_TOKEN = 260
+
+
+def check_lifecycle_event(ev: dict, op: str, ns: dict | None, to: dict | None = None) -> None:
+    """A lifecycle event has exactly the fields MongoDB's change-event pages list
+    (drop/rename/invalidate; collectionUUID, lsid and txnNumber aside)."""
+    check(ev["operationType"] == op, f"operationType {op}: {ev}")
+    check(isinstance(ev["_id"], dict) and set(ev["_id"]) == {"_data"}, f"{op}: _id is a {{_data}} token")
+    token_rowid(ev["_id"])  # in the launcher's nx:<row id> scheme
+    check(type(ev["clusterTime"]) is Timestamp, f"{op}: clusterTime is a Timestamp")
+    check(isinstance(ev["wallTime"], datetime.datetime), f"{op}: wallTime is a datetime")
+    want = {"_id", "operationType", "clusterTime", "wallTime"}
+    if ns is not None:
+        want.add("ns")
+        check(ev["ns"] == ns, f"{op}: ns {ev['ns']} == {ns}")
+    if to is not None:
+        want.add("to")
+        check(ev["to"] == to, f"{op}: to {ev['to']} == {to}")
+    check(set(ev) == want, f"{op}: fields {sorted(ev)} == {sorted(want)} (no documentKey/fullDocument)")
+
+
+def check_ordered(events: list) -> None:
+    """Tokens and clusterTimes of consecutive events strictly increase."""
+    rows = [token_rowid(e["_id"]) for e in events]
+    check(rows == sorted(set(rows)), f"tokens strictly increasing: {rows}")
+    times = [e["clusterTime"] for e in events]
+    check(all(a < b for a, b in zip(times, times[1:])), f"clusterTime strictly increasing: {times}")
+
+
+def expect_closed(db, stream: "RawStream") -> None:
+    """After the invalidate batch the cursor is gone: getMore -> CursorNotFound."""
+    try:
+        db.command("getMore", stream.id, collection=stream.getmore_coll, maxTimeMS=50)
+        check(False, "getMore after an invalidate must fail")
+    except OperationFailure as exc:
+        check(exc.code == CURSOR_NOT_FOUND, f"getMore after invalidate: code 43, got {exc.code}")
+
+
+def check_lifecycle(client, suffix: str) -> None:
+    """i. drop / renameCollection / dropDatabase events, invalidate, resume."""
+    db = client[f"launcher_life_{suffix}"]
+    dbname = db.name
+    coll = db["life"]
+    ns = {"db": dbname, "coll": coll.name}
+
+    # -- drop: drop then invalidate; the batch closes the cursor ---------------
+    coll.insert_one({"_id": 0})
+    live = RawStream(db, coll.name, fullDocument="updateLookup")
+    behind = RawStream(db, coll.name)  # reads nothing before the drop
+    coll.insert_one({"_id": 1, "v": Int64(2**40)})
+    first = live.drain(expect=1)
+    coll.drop()
+    tail = live.until_closed()
+    check([e["operationType"] for e in tail] == ["drop", "invalidate"], f"drop -> drop, invalidate: {tail}")
+    check_lifecycle_event(tail[0], "drop", ns)
+    check_lifecycle_event(tail[1], "invalidate", None)
+    check_ordered(first + tail)
+    check(live.pbrt == tail[1]["_id"], "postBatchResumeToken of the last batch == the invalidate token")
+    expect_closed(db, live)
+    # a stream that had not yet read the insert still gets it, exact-typed, then drop/invalidate
+    late = behind.until_closed()
+    check([e["operationType"] for e in late] == ["insert", "drop", "invalidate"], f"lagging stream: {late}")
+    check(type(late[0]["fullDocument"]["v"]) is Int64, "insert read after the drop keeps its types")
+    check([e["_id"] for e in late[1:]] == [e["_id"] for e in tail], "both streams see the same drop/invalidate")
+    check(coll.name not in db.list_collection_names(), "the collection is gone")
+    drop_token, inval_token = tail[0]["_id"], tail[1]["_id"]
+    reopened = RawStream(db, coll.name)
+    check(coll.name not in db.list_collection_names(),
+          "opening a stream on the dropped collection does not re-create it")
+    check(token_rowid(reopened.pbrt) >= token_rowid(inval_token),
+          "a stream opened after the drop starts after the invalidate")
+    reopened.kill()
+    # a stream far behind (>1000 changes, nx's retention) still reads every change before the drop
+    slow = db["life_slow"]
+    slow.insert_one({"_id": -1})
+    lagging = RawStream(db, slow.name)
+    slow.insert_many([{"_id": i} for i in range(1100)])
+    slow.drop()
+    got = lagging.until_closed(timeout=60)
+    check([e["operationType"] for e in got] == ["insert"] * 1100 + ["drop", "invalidate"]
+          and [e["documentKey"]["_id"] for e in got[:1100]] == list(range(1100)),
+          f"lagging stream: 1100 inserts, drop, invalidate (got {len(got)} events)")
+    # pymongo's watch() ends at the invalidate (no resume attempt on the closed cursor)
+    wcoll = db["life_watch"]
+    wcoll.insert_one({"_id": "w"})
+    with wcoll.watch(max_await_time_ms=100) as cs:
+        wcoll.insert_one({"_id": "w2"})
+        wcoll.drop()
+        seen_ops = []
+        deadline = time.monotonic() + 20
+        while cs.alive and time.monotonic() < deadline:
+            ev = cs.try_next()
+            if ev is not None:
+                seen_ops.append(ev["operationType"])
+        check(seen_ops == ["insert", "drop", "invalidate"] and not cs.alive,
+              f"watch(): insert, drop, invalidate, then the stream is closed: {seen_ops} alive={cs.alive}")
+    # a $match that filters document events out still gets the invalidate
+    wcoll.insert_one({"_id": "m"})
+    deletes_only = RawStream(db, wcoll.name, match={"operationType": "delete"})
+    wcoll.drop()
+    tail = deletes_only.until_closed()
+    check([e["operationType"] for e in tail] == ["invalidate"], f"$match stream: only the invalidate: {tail}")
+
+    ok("i. drop: a collection stream gets drop {_id, operationType, clusterTime, wallTime, ns} then "
+       "invalidate {_id, operationType, clusterTime, wallTime}; that batch has cursor id 0, then "
+       "CursorNotFound; a stream opened on the dropped collection does not re-create it")
+
+    # -- resume around the drop --------------------------------------------------
+    try:
+        RawStream(db, coll.name, resumeAfter=inval_token).kill()
+        check(False, "resumeAfter an invalidate token must fail")
+    except OperationFailure as exc:
+        check(exc.code == INVALID_RESUME_TOKEN and exc.details.get("codeName") == "InvalidResumeToken",
+              f"resumeAfter invalidate: code 260 InvalidResumeToken, got {exc.code} {exc.details}")
+        check("not allowed from an invalidate notification" in str(exc.details.get("errmsg")),
+              f"resumeAfter invalidate: errmsg {exc.details.get('errmsg')}")
+    again = RawStream(db, coll.name, resumeAfter=first[0]["_id"]).until_closed()
+    check([e["_id"] for e in again] == [drop_token, inval_token],
+          f"resumeAfter the last insert replays drop, invalidate and closes: {again}")
+    again = RawStream(db, coll.name, resumeAfter=drop_token).until_closed()
+    check([e["_id"] for e in again] == [inval_token], "resumeAfter the drop replays the invalidate")
+    ok("i. resumeAfter an invalidate -> 260 InvalidResumeToken; resumeAfter earlier tokens replays "
+       "up to the invalidate and closes again")
+
+    # -- re-created collection: startAfter the invalidate, and fresh streams -------
+    # The re-creating write happens while no stream is open on the collection.
+    coll.insert_one({"_id": "re", "when": datetime.datetime(2020, 1, 2, tzinfo=datetime.timezone.utc)})
+    after = RawStream(db, coll.name, fullDocument="updateLookup", startAfter=inval_token)
+    fresh = RawStream(db, coll.name)
+    coll.insert_one({"_id": "re2"})
+    got = after.drain(expect=2)
+    check([e["documentKey"]["_id"] for e in got] == ["re", "re2"],
+          f"startAfter the invalidate: the re-created collection's writes, first one included: {got}")
+    check(token_rowid(got[0]["_id"]) > token_rowid(inval_token), "new tokens sort after the invalidate")
+    check(isinstance(got[0]["fullDocument"]["when"], datetime.datetime), "re-created: exact types")
+    got = fresh.drain(expect=1)
+    check(got[0]["documentKey"]["_id"] == "re2", "a stream opened on the re-created collection sees new writes")
+    after.kill()
+    fresh.kill()
+    ok("i. startAfter the invalidate continues with the re-created collection (also its first write, "
+       "made with no stream open); a new stream on it sees its new events")
+
+    # -- renameCollection, onto an existing target with dropTarget -----------------
+    src, dst, other = db["ren_src"], db["ren_dst"], db["ren_other"]
+    src.insert_many([{"_id": 1, "from": "src"}, {"_id": 2, "from": "src"}])
+    dst.insert_one({"_id": 1, "from": "dst"})
+    on_src, on_dst = RawStream(db, src.name), RawStream(db, dst.name)
+    src_ns, dst_ns = {"db": dbname, "coll": src.name}, {"db": dbname, "coll": dst.name}
+    try:
+        src.rename(dst.name)
+        check(False, "rename onto an existing collection without dropTarget must fail")
+    except OperationFailure as exc:
+        check(exc.code == 48, f"rename onto existing: NamespaceExists 48, got {exc.code}")
+    try:
+        db["ren_missing"].rename("ren_whatever")
+        check(False, "rename of a missing collection must fail")
+    except OperationFailure as exc:
+        check(exc.code == 26, f"rename of a missing collection: NamespaceNotFound 26, got {exc.code}")
+    src.rename(dst.name, dropTarget=True)
+    for stream in (on_src, on_dst):
+        tail = stream.until_closed()
+        check([e["operationType"] for e in tail] == ["rename", "invalidate"],
+              f"rename -> rename, invalidate on {stream.coll}: {tail}")
+        check_lifecycle_event(tail[0], "rename", src_ns, to=dst_ns)
+        check_lifecycle_event(tail[1], "invalidate", None)
+        check_ordered(tail)
+        expect_closed(db, stream)
+        if stream is on_src:
+            src_inval = tail[1]["_id"]
+        else:
+            dst_inval = tail[1]["_id"]
+    names = db.list_collection_names()
+    check(src.name not in names and dst.name in names, f"renamed: {names}")
+    check(sorted(d["from"] for d in dst.find()) == ["src", "src"], "the target holds the source's documents")
+    # writes after the rename land on the right stream
+    on_dst2 = RawStream(db, dst.name, startAfter=dst_inval)
+    on_src2 = RawStream(db, src.name, startAfter=src_inval)
+    dst.update_one({"_id": 2}, {"$set": {"moved": True}})
+    src.insert_one({"_id": "new-src"})
+    got = on_dst2.drain(expect=1)
+    check(got[0]["operationType"] == "update" and got[0]["ns"] == dst_ns and got[0]["documentKey"] == {"_id": 2},
+          f"write to the renamed collection: on its new name only: {got}")
+    got = on_src2.drain(expect=1)
+    check(got[0]["operationType"] == "insert" and got[0]["ns"] == src_ns,
+          f"re-created source name: its own insert only: {got}")
+    on_dst2.kill()
+    on_src2.kill()
+    # plain rename to a new name: both sides still get rename + invalidate
+    other.insert_one({"_id": 1})
+    on_other, on_new = RawStream(db, other.name), RawStream(db, "ren_new")
+    db.command("renameCollection", f"{dbname}.{other.name}", to=f"{dbname}.ren_new")
+    for stream in (on_other, on_new):
+        tail = stream.until_closed()
+        check([e["operationType"] for e in tail] == ["rename", "invalidate"], f"plain rename: {tail}")
+        check(tail[0]["to"] == {"db": dbname, "coll": "ren_new"}, "plain rename: to")
+    ok("i. renameCollection (admin command, dropTarget honoured; 48/26 errors): streams on source and "
+       "target get rename {.., ns: source, to: target} then invalidate; later writes go to the right stream")
+
+    # -- dropDatabase ---------------------------------------------------------------
+    gone = client[f"launcher_life_db_{suffix}"]
+    whole_db = RawStream(gone, 1)  # a database-level stream (db.watch())
+    gone["p"].insert_one({"_id": 1})
+    gone["q"].insert_one({"_id": 1})
+    gone["s"].insert_one({"_id": 1})
+    on_p, on_q = RawStream(gone, "p"), RawStream(gone, "q")
+    gone["p"].insert_one({"_id": 2})
+    before = on_p.drain(expect=1)
+    gone["s"].rename("t")
+    client.drop_database(gone.name)
+    # database stream: rename (no invalidate), a drop per collection, dropDatabase, invalidate
+    db_events = whole_db.until_closed()
+    ops = [e["operationType"] for e in db_events]
+    check(ops == ["rename", "drop", "drop", "drop", "dropDatabase", "invalidate"],
+          f"database stream: rename, drop x3, dropDatabase, invalidate: {ops}")
+    check_lifecycle_event(db_events[0], "rename", {"db": gone.name, "coll": "s"},
+                          to={"db": gone.name, "coll": "t"})
+    for ev in db_events[1:4]:
+        check_lifecycle_event(ev, "drop", ev["ns"])
+    check(sorted(e["ns"]["coll"] for e in db_events[1:4]) == ["p", "q", "t"], "a drop per collection")
+    check_lifecycle_event(db_events[4], "dropDatabase", {"db": gone.name})
+    check_lifecycle_event(db_events[5], "invalidate", None)
+    check_ordered(db_events)
+    expect_closed(gone, whole_db)
+    for stream, name in ((on_p, "p"), (on_q, "q")):
+        tail = stream.until_closed()
+        check([e["operationType"] for e in tail] == ["drop", "invalidate"],
+              f"dropDatabase -> drop, invalidate on a collection stream ({name}): {tail}")
+        check_lifecycle_event(tail[0], "drop", {"db": gone.name, "coll": name})
+        expect_closed(gone, stream)
+        if name == "p":
+            check_ordered(before + tail)
+            p_inval = tail[1]["_id"]
+    check(gone.list_collection_names() == [], "dropDatabase: no collections left")
+    try:
+        RawStream(gone, "p", resumeAfter=p_inval).kill()
+        check(False, "resumeAfter the dropDatabase invalidate must fail")
+    except OperationFailure as exc:
+        check(exc.code == INVALID_RESUME_TOKEN, f"resumeAfter: 260, got {exc.code}")
+    reborn = RawStream(gone, "p", startAfter=p_inval)
+    gone["p"].insert_one({"_id": 3})
+    got = reborn.drain(expect=1)
+    check(got[0]["documentKey"] == {"_id": 3} and token_rowid(got[0]["_id"]) > token_rowid(p_inval),
+          "startAfter the dropDatabase invalidate: the re-created collection, tokens still ordered")
+    reborn.kill()
+    client.drop_database(gone.name)
+    client.drop_database(dbname)
+    ok("i. dropDatabase: each collection stream gets drop then invalidate; a database stream gets "
+       "rename/drop of its collections, then dropDatabase {.., ns: {db}} and invalidate; the change "
+       "log survives, so startAfter continues with ordered tokens and resumeAfter the invalidate -> 260")
 
 
 def main(uri: str) -> int:
@@ -417,6 +690,9 @@ def main(uri: str) -> int:
         check(exc.code == HISTORY_LOST, f"watch(): code 286, got {exc.code}")
     ok("f. resume: pruned/unknown/foreign tokens -> 286 ChangeStreamHistoryLost; boundary, "
        "newest and never-written tokens resume with exactly the following events")
+
+    # ---- i. lifecycle events ---------------------------------------------------
+    check_lifecycle(client, suffix)
 
     # ---- g. hello -------------------------------------------------------------
     hello = client.admin.command("hello")

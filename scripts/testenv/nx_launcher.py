@@ -66,6 +66,37 @@ h. ``cursor.postBatchResumeToken`` of change-stream replies is the stream's
    - The server's thread pool is enlarged (256) so waiting getMores do not
      starve other commands.
 
+i. Collection lifecycle events (nx emitted none).  ``drop``,
+   ``renameCollection`` and ``dropDatabase`` are performed by the launcher,
+   which appends MongoDB's events for them to nx's change log (same row-id
+   sequence, so their tokens are ``{_data: "nx:N"}`` ordered with the rest):
+   - drop of a collection: ``drop`` {_id, operationType, clusterTime,
+     wallTime, ns} then ``invalidate`` {_id, operationType, clusterTime,
+     wallTime} on streams of that collection;
+   - renameCollection a -> b (``dropTarget`` honoured; nx renamed inside the
+     ``admin`` database): ``rename`` {..., ns: a, to: b} then ``invalidate``,
+     on streams of a and of b (a replaced target gets no drop event, as in
+     MongoDB, SERVER-53478);
+   - dropDatabase: each collection dropped as above (a collection stream
+     sees ``drop`` then ``invalidate``).  The change log survives (nx deleted
+     the database file with it), so the emptied database may still be
+     listed by listDatabases;
+   - a database-level stream (``db.watch()``; nx delivers no document events
+     on it) gets these lifecycle events as MongoDB sends them: ``drop`` and
+     ``rename`` of its collections, and for dropDatabase a ``drop`` per
+     collection, ``dropDatabase`` {.., ns: {db}}, then ``invalidate``;
+   - the batch with the ``invalidate`` ends there with cursor id 0; a later
+     getMore fails with CursorNotFound (43);
+   - ``startAfter`` an invalidate token starts after it (events of a
+     re-created collection); ``resumeAfter`` it fails with
+     ``{code: 260, codeName: "InvalidResumeToken"}``;
+   - a dropped/renamed collection that was tracked is tracked again on the
+     first write that re-creates it, so that write is in the stream history;
+   - opening a stream on a collection that does not exist does not create it
+     (nx did: a stream re-opened after a drop brought the collection back);
+     the stream starts after the newest change of the database, and tracking
+     starts with the write that creates the collection.
+
 Differences not corrected (know them; don't depend on them)
 -----------------------------------------------------------
 - Storage: Decimal128, Timestamp and Regex values cannot be stored (error
@@ -76,9 +107,8 @@ Differences not corrected (know them; don't depend on them)
   ``?directConnection=true``; drivers refuse transactions on it.  nx allows
   change streams on it (MongoDB would need a replica set).  Commands carry no
   ``operationTime``/``$clusterTime``.
-- Only collection-level streams deliver events (database/cluster ``watch`` get
-  none); dropping or renaming a collection emits no drop/invalidate event, and
-  a stream open across a drop/re-create sees no further events.
+- Only collection-level streams deliver document events (database-level
+  streams get only lifecycle events, cluster-level ones nothing).
 - Change tracking for a collection starts when the first stream on it is
   opened (writes before that are in no history).
 - ``startAtOperationTime`` is ignored (starts now); ``$changeStream``
@@ -95,6 +125,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import os
 import struct
@@ -261,6 +292,8 @@ def _build_event(
 ) -> dict[str, Any]:
     rowid, operation, document_id, data, id_value, ts = row[:6]
     rowid = int(rowid)
+    if operation in _LIFECYCLE_OPS:
+        return _lifecycle_event(stream, rowid, operation, data, _row_time(ts))
     stored = None
     if data:
         try:
@@ -297,9 +330,19 @@ def _pull_stream(self, stream, batch_size: int = 101):
     with self._lock:
         tracker = self._trackers.get((stream.db_name, stream.collection_name))
     batch: list[dict[str, Any]] = []
-    if tracker is None:
+    if getattr(stream, "_nx_launcher_invalidated", False):
         return batch, nx_cs._wire_token(stream._watermark)
-    collection = tracker["collection"]
+    if not isinstance(stream.collection_name, str):
+        return _pull_database_stream(self, stream, batch_size)
+    if tracker is not None:
+        collection = tracker["collection"]
+    else:
+        # i. A drop/rename ended the collection's tracking while this stream
+        # was open: it still has to read its lifecycle events (and any older
+        # rows it had not reached) from the change log.
+        collection = _decoder_collection(self, stream)
+        if collection is None:
+            return batch, nx_cs._wire_token(stream._watermark)
     try:
         from neosqlite.collection.jsonb_support import (
             json_data_column,
@@ -323,6 +366,15 @@ def _pull_stream(self, stream, batch_size: int = 101):
     for row in rows:
         rowid = int(row[0])
         event = _build_event(stream, collection, lookup, row)
+        if event["operationType"] == "invalidate":
+            # i. The invalidate event ends the stream: delivered whatever the
+            # pipeline filters, nothing after it, and the cursor closes
+            # (_handle_command answers this getMore with cursor id 0).
+            batch.append(event)
+            stream._last_token_id = rowid
+            stream._nx_launcher_invalidated = True
+            high = rowid
+            break
         if nx_cs._pipeline_matches(event, stream.pipeline):
             size = _bson_size(event)
             if batch and used + size > _BATCH_BYTES:
@@ -363,6 +415,18 @@ _orig_ensure_tracked = nx_cs.ChangeStreamManager.ensure_tracked
 
 
 def _ensure_tracked(self, db_name, collection_name, get_collection):
+    handler = getattr(self, "_nx_launcher_handler", None)
+    if (
+        handler is not None
+        and isinstance(collection_name, str)
+        and collection_name not in handler.get_database(db_name).list_collection_names()
+    ):
+        # i. Watching a collection does not create it (nx created it, so a
+        # stream re-opened after a drop resurrected the collection).  It is
+        # tracked from the write that creates it (_retrack_before_write).
+        with self._lock:
+            self._nx_launcher_retrack.add((db_name, collection_name))
+        return None
     tracker = _orig_ensure_tracked(self, db_name, collection_name, get_collection)
     if tracker is not None:
         try:
@@ -370,6 +434,38 @@ def _ensure_tracked(self, db_name, collection_name, get_collection):
         except Exception as exc:
             logger.warning("cannot install change-log horizon trigger: %s", exc)
     return tracker
+
+
+_orig_create_stream = nx_cs.ChangeStreamManager.create_stream
+
+
+def _create_stream(self, collection_name, pipeline, resume_after=None,
+                   start_at_operation_time=None, full_document=None, db_name="test",
+                   owner=None, start_after=None, get_collection=None):
+    stream = _orig_create_stream(
+        self, collection_name, pipeline, resume_after=resume_after,
+        start_at_operation_time=start_at_operation_time, full_document=full_document,
+        db_name=db_name, owner=owner, start_after=start_after, get_collection=get_collection,
+    )
+    with self._lock:
+        tracked = (db_name, collection_name) in self._trackers
+    handler = getattr(self, "_nx_launcher_handler", None)
+    if handler is not None and not isinstance(collection_name, str):
+        # i. A database-level stream: its lifecycle events go to the change log.
+        sqlite_conn = handler.get_database(db_name).db
+        sqlite_conn.execute(_CHANGE_LOG_DDL)
+        if not sqlite_conn.in_transaction:
+            sqlite_conn.commit()
+    if resume_after is None and start_after is None and not tracked and handler is not None:
+        # i. A stream on a collection that does not exist (yet) starts "now":
+        # after the newest change-log row of the database (nx started at 0,
+        # i.e. it replayed the history of an earlier collection of that name).
+        newest = _scalar(
+            handler.get_database(db_name).db,
+            "SELECT seq FROM sqlite_sequence WHERE name = '_neosqlite_changestream'",
+        )
+        stream._watermark = int(newest or 0)
+    return stream
 
 
 def _scalar(sqlite_conn: Any, sql: str, args: tuple = ()) -> Any:
@@ -419,6 +515,363 @@ def _cursor_not_found(cursor_id: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
+# i. Collection lifecycle events: drop, rename, dropDatabase -> invalidate
+# ---------------------------------------------------------------------------
+#
+# nx records only document writes (SQLite triggers on the collection's table).
+# The launcher performs drop / renameCollection / dropDatabase itself and
+# appends the events MongoDB emits for them to the same change log
+# (``_neosqlite_changestream``), so they get row ids -- and resume tokens --
+# from the same sequence as every other event.  A lifecycle row keeps its
+# extra fields (``ns``/``to`` of a rename) as JSON in ``document_data``.
+# ``_neosqlite_launcher_invalidates`` remembers which row ids are invalidate
+# events (never pruned), so that ``resumeAfter`` one fails with code 260.
+# Shapes: https://www.mongodb.com/docs/manual/reference/change-events/ (drop,
+# rename, dropDatabase, invalidate pages); which commands reach a collection
+# stream (drop; rename from or to it; not dropDatabase itself): MongoDB's
+# change-stream match filter, and SERVER-53478 for rename with dropTarget.
+
+_LIFECYCLE_OPS = frozenset({"drop", "rename", "dropDatabase", "invalidate"})
+# collection_name of the rows only database-level streams read ("$" cannot
+# start a collection name)
+_DB_ROWS = "$database"
+# nx's (neosqlite's) change log, created for a database-level stream opened
+# before any collection stream of its database
+_CHANGE_LOG_DDL = """
+    CREATE TABLE IF NOT EXISTS _neosqlite_changestream (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        collection_name TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        document_id INTEGER,
+        document_data TEXT,
+        document_id_value TEXT,
+        timestamp DATETIME DEFAULT CURRENT_TIMESTAMP
+    )
+"""
+_INVALIDATES_TABLE = "_neosqlite_launcher_invalidates"
+_INVALID_RESUME_MSG = (
+    "Attempting to resume a change stream using 'resumeAfter' is not allowed "
+    "from an invalidate notification."
+)
+
+
+def _lifecycle_event(
+    stream: Any, rowid: int, operation: str, data: Any, when: datetime
+) -> dict[str, Any]:
+    """The change event of a lifecycle row, shaped as MongoDB documents it:
+    drop: {_id, operationType, clusterTime, wallTime, ns};
+    rename: the same plus ``to`` (``ns`` is the source, also on the stream of
+    the target); invalidate: {_id, operationType, clusterTime, wallTime}."""
+    extra: dict[str, Any] = {}
+    if data:
+        try:
+            loaded = json.loads(data.decode() if isinstance(data, bytes) else data)
+            if isinstance(loaded, dict):
+                extra = loaded
+        except (ValueError, TypeError, UnicodeDecodeError):
+            pass
+    event: dict[str, Any] = {
+        "_id": nx_cs._wire_token(rowid),
+        "operationType": operation,
+        "clusterTime": Timestamp(int(when.timestamp()), rowid % (2**32)),
+        "wallTime": when,
+    }
+    if operation == "invalidate":
+        return event
+    ns = extra.get("ns") or {"db": stream.db_name, "coll": stream.collection_name}
+    if operation == "dropDatabase":
+        ns = {"db": ns.get("db", stream.db_name)}
+    event["ns"] = ns
+    if operation == "rename" and "to" in extra:
+        event["to"] = extra["to"]
+    return event
+
+
+def _decoder_collection(manager: Any, stream: Any) -> Any:
+    """A Collection object over the stream's table used only to decode change
+    rows (``create=False``: it never creates a dropped collection)."""
+    handler = getattr(manager, "_nx_launcher_handler", None)
+    if handler is None or not isinstance(stream.collection_name, str):
+        return None
+    try:
+        from neosqlite.collection import Collection as NeoCollection
+
+        database = handler.get_database(stream.db_name)
+        return NeoCollection(
+            database.db, stream.collection_name, create=False, database=database
+        )
+    except Exception as exc:
+        logger.debug("no decoder for %s.%s: %s", stream.db_name, stream.collection_name, exc)
+        return None
+
+
+def _table_exists(sqlite_conn: Any, name: str) -> bool:
+    return bool(
+        _scalar(
+            sqlite_conn,
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
+            (name,),
+        )
+    )
+
+
+def _append_lifecycle(database: Any, rows: list[tuple[str, str, dict | None]]) -> None:
+    """Append (collection, operation, extra fields) rows to the change log of
+    ``database`` (a neosqlite Connection).  Without a change log no stream was
+    ever opened in this database, so there is nobody to tell."""
+    sqlite_conn = database.db
+    if not _table_exists(sqlite_conn, "_neosqlite_changestream"):
+        return
+    sqlite_conn.execute(
+        f"CREATE TABLE IF NOT EXISTS {_INVALIDATES_TABLE} (id INTEGER PRIMARY KEY)"
+    )
+    for coll, operation, extra in rows:
+        cur = sqlite_conn.execute(
+            "INSERT INTO _neosqlite_changestream "
+            "(collection_name, operation, document_id, document_data, document_id_value) "
+            "VALUES (?, ?, NULL, ?, NULL)",
+            (coll, operation, json.dumps(extra) if extra else None),
+        )
+        if operation == "invalidate":
+            sqlite_conn.execute(
+                f"INSERT INTO {_INVALIDATES_TABLE} (id) VALUES (?)", (cur.lastrowid,)
+            )
+    if not sqlite_conn.in_transaction:
+        sqlite_conn.commit()
+
+
+def is_invalidate_token(database: Any, token: Any) -> bool:
+    """True when ``token`` is the resume token of an invalidate event."""
+    rowid = nx_cs._wire_rowid(token)
+    if rowid is None or not _table_exists(database.db, _INVALIDATES_TABLE):
+        return False
+    return bool(
+        _scalar(database.db, f"SELECT COUNT(*) FROM {_INVALIDATES_TABLE} WHERE id = ?", (rowid,))
+    )
+
+
+def _invalid_resume_reply() -> dict[str, Any]:
+    return {
+        "ok": 0,
+        "errmsg": _INVALID_RESUME_MSG,
+        "code": 260,
+        "codeName": "InvalidResumeToken",
+    }
+
+
+def _untrack(manager: Any, db_name: str, coll: str) -> None:
+    """End nx's change tracking of a collection that is about to be dropped or
+    renamed: its triggers go (SQLite would keep them on a renamed table,
+    still logging under the old name) and the collection is remembered so that
+    the next write to a re-created collection of that name is tracked again
+    (``_retrack_before_write``), as MongoDB's oplog records it.  Open streams
+    keep reading the change log without the tracker (``_decoder_collection``)."""
+    with manager._lock:
+        tracker = manager._trackers.pop((db_name, coll), None)
+        if tracker is not None:
+            manager._nx_launcher_retrack.add((db_name, coll))
+    if tracker is not None:
+        _end_tracking(tracker)
+
+
+def _end_tracking(tracker: dict[str, Any]) -> None:
+    """Drop a tracked collection's change triggers and retire nx's watcher
+    for it, keeping its change-log rows: closing the watcher (what nx does)
+    would prune them to the newest 1000, behind streams still reading them."""
+    from neosqlite import changestream as neo_cs
+
+    watcher = tracker.get("watcher")
+    collection = tracker["collection"]
+    sqlite_conn = collection.db
+    name = getattr(watcher, "_sanitized_name", None) or collection.name
+    for kind in ("insert", "update", "delete"):
+        sqlite_conn.execute(f'DROP TRIGGER IF EXISTS "_neosqlite_{name}_{kind}_trigger"')
+    if watcher is not None:
+        # what watcher.close() does, minus the prune: a later watcher on this
+        # name must find no registered stream, so that it creates triggers
+        watcher._closed = True
+        entry = neo_cs._registry_entry(sqlite_conn)
+        entry["counts"].pop(collection.name, None)
+        entry["streams"].pop(collection.name, None)
+    if not sqlite_conn.in_transaction:
+        sqlite_conn.commit()
+
+
+def _retrack_before_write(handler: Any, cmd: dict[str, Any], msg: Any) -> None:
+    """Before a write to a collection whose tracking a drop/rename ended,
+    install tracking again, so the write (which may re-create the collection)
+    is in the change log.  Writes that cannot create the collection are
+    tracked only when it exists."""
+    manager = handler._change_stream_manager
+    for name in ("insert", "update", "delete", "findAndModify", "findandmodify"):
+        coll = cmd.get(name)
+        if isinstance(coll, str):
+            break
+    else:
+        return
+    db_name = cmd.get("$db", "test")
+    key = (db_name, coll)
+    with manager._lock:
+        pending = key in manager._nx_launcher_retrack
+    if not pending:
+        return
+    database = handler.get_database(db_name)
+    if name != "insert" and coll not in database.list_collection_names():
+        upsert = bool(cmd.get("upsert")) or any(
+            isinstance(u, dict) and u.get("upsert")
+            for u in list(cmd.get("updates") or []) + _payload_docs(msg, "updates")
+        )
+        if not upsert:
+            return
+    database[coll]  # creates the collection, as the write itself would
+    if manager.ensure_tracked(db_name, coll, lambda: database[coll]) is not None:
+        with manager._lock:
+            manager._nx_launcher_retrack.discard(key)
+
+
+def _payload_docs(msg: Any, key: str) -> list[Any]:
+    """Documents of an OP_MSG document sequence (``updates``, ``documents``)."""
+    out: list[Any] = []
+    try:
+        for kind, doc in msg.get("sections", []):
+            if kind == "payload" and isinstance(doc, dict) and isinstance(doc.get(key), list):
+                out += doc[key]
+    except Exception:
+        pass
+    return out
+
+
+def _drop_collection(handler: Any, db_name: str, coll: str) -> bool:
+    """Drop ``db_name.coll`` and log drop + invalidate; False if it did not exist."""
+    database = handler.get_database(db_name)
+    if coll not in database.list_collection_names():
+        return False
+    _untrack(handler._change_stream_manager, db_name, coll)
+    database.drop_collection(coll)
+    ns = {"db": db_name, "coll": coll}
+    _append_lifecycle(database, [(coll, "drop", {"ns": ns}), (coll, "invalidate", None)])
+    return True
+
+
+def _handle_drop(handler: Any, request_id: Any, cmd: dict[str, Any]):
+    """``drop``: as MongoDB, a collection stream sees drop then invalidate."""
+    coll = cmd.get("drop")
+    db_name = cmd.get("$db", "test")
+    if not isinstance(coll, str) or handler._is_gridfs_collection(coll) or coll.startswith("sqlite_"):
+        return None  # nx's own handling (errors, GridFS buckets)
+    with handler._lock_for(db_name):
+        _drop_collection(handler, db_name, coll)
+    return request_id, {"ok": 1}
+
+
+def _handle_drop_database(handler: Any, request_id: Any, cmd: dict[str, Any]):
+    """``dropDatabase``: every collection is dropped as by ``drop`` (a stream
+    on one sees drop then invalidate).  Unlike nx, the database's change log
+    survives (MongoDB's oplog is not part of the database), so tokens issued
+    before stay valid and ordered with the ones after."""
+    db_name = cmd.get("$db", "test")
+    if handler._mode == "single":
+        return None  # one file holds every database: nx's own (lossy) way
+    with handler._lock_for(db_name):
+        database = handler.get_database(db_name)
+        for coll in database.list_collection_names():
+            _drop_collection(handler, db_name, coll)
+        # Read by database-level streams only (_pull_database_stream).
+        _append_lifecycle(
+            database,
+            [(_DB_ROWS, "dropDatabase", {"ns": {"db": db_name}}), (_DB_ROWS, "invalidate", None)],
+        )
+    return request_id, {"dropped": db_name, "ok": 1}
+
+
+def _pull_database_stream(manager: Any, stream: Any, batch_size: int):
+    """A database-level stream (``db.watch()``, ``aggregate: 1``): nx records
+    no document changes for it, but it gets the database's lifecycle events
+    as MongoDB sends them: ``drop`` and ``rename`` of its collections (they do
+    not invalidate it), and on dropDatabase, after a ``drop`` per collection,
+    ``dropDatabase`` then ``invalidate``."""
+    batch: list[dict[str, Any]] = []
+    handler = getattr(manager, "_nx_launcher_handler", None)
+    if handler is None:
+        return batch, nx_cs._wire_token(stream._watermark)
+    try:
+        rows = handler.get_database(stream.db_name).db.execute(
+            "SELECT id, operation, collection_name, document_data, timestamp "
+            "FROM _neosqlite_changestream WHERE id > ? AND (operation IN ('drop', 'rename') "
+            "OR collection_name = ?) ORDER BY id LIMIT ?",
+            (stream._watermark, _DB_ROWS, batch_size),
+        ).fetchall()
+    except Exception as exc:
+        logger.debug("database stream pull skipped: %s", exc)
+        return batch, nx_cs._wire_token(stream._watermark)
+    high = stream._watermark
+    for rowid, operation, coll, data, ts in rows:
+        rowid = int(rowid)
+        high = rowid
+        event = _lifecycle_event(stream, rowid, operation, data, _row_time(ts))
+        if operation == "rename" and event.get("ns", {}).get("coll") != coll:
+            continue  # the copy of a rename logged for the target's streams
+        if operation == "invalidate":
+            batch.append(event)
+            stream._last_token_id = rowid
+            stream._nx_launcher_invalidated = True
+            break
+        if nx_cs._pipeline_matches(event, stream.pipeline):
+            batch.append(event)
+            stream._last_token_id = rowid
+    stream._watermark = high
+    return batch, nx_cs._wire_token(stream._watermark)
+
+
+def _split_ns(ns: Any) -> tuple[str, str] | None:
+    if not isinstance(ns, str) or "." not in ns:
+        return None
+    db_name, coll = ns.split(".", 1)
+    return (db_name, coll) if db_name and coll else None
+
+
+def _command_error(code: int, code_name: str, errmsg: str) -> dict[str, Any]:
+    return {"ok": 0, "errmsg": errmsg, "code": code, "codeName": code_name}
+
+
+def _handle_rename(handler: Any, request_id: Any, cmd: dict[str, Any]):
+    """``renameCollection`` (sent to admin with full names; nx renamed inside
+    the admin database and ignored ``dropTarget``).  Streams on the source and
+    on the target both see ``rename`` (ns = source, to = target) then
+    ``invalidate``; with ``dropTarget`` the replaced target gets no separate
+    drop event (MongoDB's behaviour, SERVER-53478)."""
+    src, dst = _split_ns(cmd.get("renameCollection")), _split_ns(cmd.get("to"))
+    if src is None or dst is None:
+        return request_id, _command_error(73, "InvalidNamespace", "renameCollection needs full names")
+    if src[0] != dst[0]:
+        return request_id, _command_error(
+            20, "IllegalOperation", "launcher: renameCollection across databases is not supported"
+        )
+    db_name, (a, b) = src[0], (src[1], dst[1])
+    with handler._lock_for(db_name):
+        database = handler.get_database(db_name)
+        names = database.list_collection_names()
+        if a not in names:
+            return request_id, _command_error(26, "NamespaceNotFound", "source namespace does not exist")
+        if a == b:
+            return request_id, _command_error(20, "IllegalOperation", "Can't rename a collection to itself")
+        if b in names and not cmd.get("dropTarget"):
+            return request_id, _command_error(48, "NamespaceExists", "target namespace exists")
+        manager = handler._change_stream_manager
+        _untrack(manager, db_name, a)
+        _untrack(manager, db_name, b)
+        if b in names:
+            database.drop_collection(b)
+        database.rename_collection(a, b)
+        extra = {"ns": {"db": db_name, "coll": a}, "to": {"db": db_name, "coll": b}}
+        _append_lifecycle(
+            database,
+            [(a, "rename", extra), (a, "invalidate", None), (b, "rename", extra), (b, "invalidate", None)],
+        )
+    return request_id, {"ok": 1}
+
+
+# ---------------------------------------------------------------------------
 # Command-level wrapper: token check, awaitData, CursorNotFound
 # ---------------------------------------------------------------------------
 
@@ -444,21 +897,21 @@ def _body(msg: Any) -> dict[str, Any] | None:
     return None
 
 
-def _change_stream_token(cmd: dict[str, Any]) -> tuple[bool, Any]:
+def _change_stream_token(cmd: dict[str, Any]) -> tuple[str | None, Any]:
+    """(``"resumeAfter"``/``"startAfter"``/None, token) of a change-stream aggregate."""
     pipeline = cmd.get("pipeline")
     if not isinstance(pipeline, list):
-        return False, None
+        return None, None
     for stage in pipeline:
         if isinstance(stage, dict) and "$changeStream" in stage:
             opts = stage["$changeStream"]
             if not isinstance(opts, dict):
-                return False, None
-            if opts.get("resumeAfter") is not None:
-                return True, opts["resumeAfter"]
-            if opts.get("startAfter") is not None:
-                return True, opts["startAfter"]
-            return False, None
-    return False, None
+                return None, None
+            for option in ("resumeAfter", "startAfter"):
+                if opts.get(option) is not None:
+                    return option, opts[option]
+            return None, None
+    return None, None
 
 
 _orig_handle_command = nx_handler.NeoSQLiteHandler.handle_command
@@ -474,13 +927,15 @@ def _handle_command(self, msg):
     db_name = cmd.get("$db", "test")
 
     if "aggregate" in cmd:
-        has_token, token = _change_stream_token(cmd)
-        if has_token:
+        option, token = _change_stream_token(cmd)
+        if option is not None:
             with self._lock_for(nx_handler._msg_db_name(msg)):
+                database = self.get_database(db_name)
+                # i. MongoDB refuses resumeAfter (not startAfter) an invalidate.
+                if option == "resumeAfter" and is_invalidate_token(database, token):
+                    return request_id, _invalid_resume_reply()
                 try:
-                    lost = resume_token_lost(
-                        self.get_database(db_name), cmd.get("aggregate"), token
-                    )
+                    lost = resume_token_lost(database, cmd.get("aggregate"), token)
                 except Exception as exc:
                     logger.warning("resume token check failed: %s", exc)
                     lost = False
@@ -488,6 +943,21 @@ def _handle_command(self, msg):
                     return request_id, _history_lost_reply()
                 return _orig_handle_command(self, msg)
         return _finish_write(self, msg)
+
+    # i. Lifecycle commands, performed by the launcher so that they are logged.
+    for name, handle in (
+        ("drop", _handle_drop),
+        ("dropDatabase", _handle_drop_database),
+        ("renameCollection", _handle_rename),
+    ):
+        if name in cmd:
+            try:
+                done = handle(self, request_id, cmd)
+            finally:
+                _bump()  # wake waiting getMores: they may have events now
+            if done is not None:
+                return done
+            return _finish_write(self, msg)
 
     if "getMore" in cmd:
         try:
@@ -507,12 +977,19 @@ def _handle_command(self, msg):
             wait_ms = _DEFAULT_AWAIT_MS
         deadline = time.monotonic() + max(wait_ms, 0) / 1000.0
         while True:
-            if manager.get_stream(cursor_id) is None:
+            stream = manager.get_stream(cursor_id)
+            if stream is None:
                 return request_id, _cursor_not_found(cursor_id)
             with _write_cond:
                 seen = _write_gen
             rid, reply = _orig_handle_command(self, msg)
             cursor = reply.get("cursor") if isinstance(reply, dict) else None
+            if getattr(stream, "_nx_launcher_invalidated", False) and isinstance(cursor, dict):
+                # i. The batch ends with the invalidate event: the cursor is
+                # exhausted (id 0) and gone, a further getMore gets CursorNotFound.
+                cursor["id"] = Int64(0)
+                manager.close_stream(cursor_id)
+                return rid, reply
             if not isinstance(cursor, dict) or cursor.get("nextBatch"):
                 return rid, reply
             remaining = deadline - time.monotonic()
@@ -522,7 +999,21 @@ def _handle_command(self, msg):
                 if _write_gen == seen:
                     _write_cond.wait(min(remaining, 0.5))
 
+    _retrack(self, msg)
     return _finish_write(self, msg)
+
+
+def _retrack(self, msg) -> None:
+    """i. See _retrack_before_write (OP_MSG writes reach handle_command or,
+    with document sequences, handle_insert)."""
+    cmd = _body(msg)
+    if cmd is None:
+        return
+    try:
+        with self._lock_for(nx_handler._msg_db_name(msg)):
+            _retrack_before_write(self, cmd, msg)
+    except Exception as exc:
+        logger.warning("cannot re-track before a write: %s", exc)
 
 
 def _finish_write(self, msg):
@@ -533,6 +1024,7 @@ def _finish_write(self, msg):
 
 
 def _handle_insert(self, msg):
+    _retrack(self, msg)
     try:
         return _orig_handle_insert(self, msg)
     finally:
@@ -552,6 +1044,8 @@ _orig_handler_init = nx_handler.NeoSQLiteHandler.__init__
 def _handler_init(self, *args, **kwargs):
     _orig_handler_init(self, *args, **kwargs)
     self._change_stream_manager._nx_launcher_handler = self
+    # (db, collection) pairs whose tracking a drop/rename ended (see _untrack)
+    self._change_stream_manager._nx_launcher_retrack = set()
 
 
 def _signal_exit_handler(signum, frame):
@@ -577,6 +1071,7 @@ def apply_patches() -> None:
     nx_wire.ResponseBuilder.build_reply = staticmethod(_build_reply)
     nx_cs.ChangeStreamManager.pull_stream = _pull_stream
     nx_cs.ChangeStreamManager.ensure_tracked = _ensure_tracked
+    nx_cs.ChangeStreamManager.create_stream = _create_stream
     nx_handler.NeoSQLiteHandler.__init__ = _handler_init
     nx_handler.NeoSQLiteHandler.handle_command = _handle_command
     nx_handler.NeoSQLiteHandler.handle_insert = _handle_insert
