@@ -55,6 +55,11 @@ fn every_type() -> Vec<(&'static str, Bson)> {
         ("double_1e16", Bson::Double(1e16)),
         ("double_1e21", Bson::Double(1.2345678901234568e21)),
         ("double_small", Bson::Double(1e-7)),
+        ("double_1e15", Bson::Double(1e15)),
+        ("double_2_pow_53", Bson::Double(9_007_199_254_740_993.0)),
+        ("double_1e_5", Bson::Double(1.5e-5)),
+        ("double_1e_6", Bson::Double(1e-6)),
+        ("double_fraction", Bson::Double(123_456_789.012_345_68)),
         ("double_0_0001", Bson::Double(0.0001)),
         ("double_subnormal", Bson::Double(5e-324)),
         ("double_max", Bson::Double(f64::MAX)),
@@ -69,14 +74,26 @@ fn every_type() -> Vec<(&'static str, Bson)> {
         ("decimal_neg_zero", dec("-0")),
         ("decimal_nan", dec("NaN")),
         ("decimal_inf", dec("-Infinity")),
-        ("string", Bson::String("héllo \"wörld\" \\ / \u{1F600}".into())),
-        ("string_control", Bson::String("tab\tnl\ncr\r\u{1}\u{7f}\u{2028}".into())),
+        (
+            "string",
+            Bson::String("héllo \"wörld\" \\ / \u{1F600}".into()),
+        ),
+        (
+            "string_control",
+            Bson::String("tab\tnl\ncr\r\u{1}\u{7f}\u{2028}".into()),
+        ),
         ("string_empty", Bson::String(String::new())),
         ("bool", Bson::Boolean(true)),
         ("null", Bson::Null),
         ("object_id", Bson::ObjectId(oid)),
-        ("date", Bson::DateTime(DateTime::from_millis(1_700_000_000_123))),
-        ("date_negative", Bson::DateTime(DateTime::from_millis(-62_135_596_800_000))),
+        (
+            "date",
+            Bson::DateTime(DateTime::from_millis(1_700_000_000_123)),
+        ),
+        (
+            "date_negative",
+            Bson::DateTime(DateTime::from_millis(-62_135_596_800_000)),
+        ),
         ("date_far", Bson::DateTime(DateTime::from_millis(i64::MAX))),
         ("binary", bin(0, b"\x00\x01\xfe\xff bytes")),
         ("binary_uuid", bin(4, &[0x12; 16])),
@@ -97,7 +114,10 @@ fn every_type() -> Vec<(&'static str, Bson)> {
         ),
         ("min_key", Bson::MinKey),
         ("max_key", Bson::MaxKey),
-        ("code", Bson::JavaScriptCode("function () { return 1; }".into())),
+        (
+            "code",
+            Bson::JavaScriptCode("function () { return 1; }".into()),
+        ),
         (
             "code_with_scope",
             Bson::JavaScriptCodeWithScope(JavaScriptCodeWithScope {
@@ -108,8 +128,14 @@ fn every_type() -> Vec<(&'static str, Bson)> {
         ("symbol", Bson::Symbol("sym".into())),
         ("undefined", Bson::Undefined),
         ("db_pointer", db_pointer),
-        ("array", Bson::Array(vec![Bson::Int32(1), Bson::Int64(1), Bson::Double(1.0)])),
-        ("document", Bson::Document(doc! { "$inner": 1, "a.b": { "c": Bson::Null } })),
+        (
+            "array",
+            Bson::Array(vec![Bson::Int32(1), Bson::Int64(1), Bson::Double(1.0)]),
+        ),
+        (
+            "document",
+            Bson::Document(doc! { "$inner": 1, "a.b": { "c": Bson::Null } }),
+        ),
     ]
 }
 
@@ -143,14 +169,22 @@ fn named_cases() -> Vec<Case> {
         let (next_name, next) = &all[(i + 1) % all.len()];
         let mut other = base.clone();
         other.insert("v", next.clone());
-        out.push(case(format!("replace {name} with {next_name}"), with, other));
+        out.push(case(
+            format!("replace {name} with {next_name}"),
+            with,
+            other,
+        ));
     }
     // Every type at once, inserted into an empty document (the shape of an insert event).
     let mut everything = Document::new();
     for (name, v) in &all {
         everything.insert(*name, v.clone());
     }
-    out.push(case("insert every type", Document::new(), everything.clone()));
+    out.push(case(
+        "insert every type",
+        Document::new(),
+        everything.clone(),
+    ));
     let mut nested = doc! { "_id": "every", "list": [] };
     nested.insert(
         "list",
@@ -236,8 +270,10 @@ fn random_leaf(rng: &mut StdRng) -> Bson {
 }
 
 fn random_key(rng: &mut StdRng) -> String {
-    ["a", "b", "c", "$x", "$$y", "a.b", "s/l~ash", "", "0", "10", "_id"][rng.gen_range(0..11)]
-        .to_owned()
+    [
+        "a", "b", "c", "$x", "$$y", "a.b", "s/l~ash", "", "0", "10", "_id",
+    ][rng.gen_range(0..11)]
+    .to_owned()
 }
 
 fn random_value(rng: &mut StdRng, depth: u32) -> Bson {

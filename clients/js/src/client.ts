@@ -619,7 +619,7 @@ class StreamSync {
   }
 
   /** Pages through `/v1/sync/missing` for `vector`, applying every item. */
-  private async fetchMissing(vector: Json, source: Change["source"], signal: AbortSignal): Promise<JObject> {
+  private async fetchMissing(vector: Json, source: Change["source"], signal: AbortSignal, stopOnReset = true): Promise<JObject> {
     let cursor: string | null = null;
     const limit = this.client.options.pageSize ?? 500;
     for (;;) {
@@ -634,7 +634,7 @@ class StreamSync {
       const items = get(res, "items");
       if (!Array.isArray(items)) throw new ProtocolError("missing: no items");
       this.client.stats.missingItems += items.length;
-      if (source !== "repair" && get(res, "reset_required") === true && !cursor) return res;
+      if (stopOnReset && source !== "repair" && get(res, "reset_required") === true && !cursor) return res;
       for (const item of items) {
         if (signal.aborted) throw new UnreachableError(this.client.url, new Error("aborted"));
         await this.apply(item, source, signal);
@@ -663,7 +663,7 @@ class StreamSync {
         this.lastSeq = 0;
         this.emitReset();
       }
-      res = await this.fetchMissing(this.vector(), "catch-up", signal);
+      res = await this.fetchMissing(this.vector(), "catch-up", signal, false);
       await this.flush(true);
     }
     const pos = get(get(res, "positions"), this.stream);

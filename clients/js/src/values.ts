@@ -192,7 +192,7 @@ export const keyOrder: unique symbol = Symbol("eventsync.keyOrder");
 
 /**
  * Formats a finite Double the way the daemon does (Rust `ryu`, as used by serde_json):
- * shortest round-trip digits, always with a fraction or exponent (`5.0`, `1e300`, `1e-7`).
+ * shortest round-trip digits, always with a fraction or exponent (`5.0`, `1e+300`, `1e-7`).
  */
 export function formatDouble(x: number): string {
   if (!Number.isFinite(x)) return String(x);
@@ -206,8 +206,9 @@ export function formatDouble(x: number): string {
   if (k >= 0 && kk <= 16) return sign + digits + "0".repeat(k) + ".0";
   if (kk > 0 && kk <= 16) return sign + digits.slice(0, kk) + "." + digits.slice(kk);
   if (kk > -5 && kk <= 0) return sign + "0." + "0".repeat(-kk) + digits;
-  if (length === 1) return sign + digits + "e" + (kk - 1);
-  return sign + digits[0] + "." + digits.slice(1) + "e" + (kk - 1);
+  const exp = kk - 1 > 0 ? "e+" + (kk - 1) : "e" + (kk - 1);
+  if (length === 1) return sign + digits + exp;
+  return sign + digits[0] + "." + digits.slice(1) + exp;
 }
 
 function str(v: Json | undefined, what: string): string {
