@@ -1,7 +1,7 @@
 // The boss-raid writer: attackers hit the boss through the stamp protocol (compare-and-swap
 // on `version`, +1 per write, `_origin` = the attacker). Each write carries `sent_at`
 // (ms) so the page can measure write → browser latency.
-import { Long, Int32 } from "mongodb";
+import { Long, Int32 } from "../../clients/js/tools/devenv.mjs";
 import { stampedWrite } from "../../clients/js/tools/devenv.mjs";
 
 const PLAYERS = [

@@ -237,3 +237,5 @@ export async function mixedLoad(coll, { writers = 3, ops = 60, docs = 8, onOp } 
   })();
   await Promise.all([...stamped, raw]);
 }
+
+export { Long, Int32 } from "mongodb";
