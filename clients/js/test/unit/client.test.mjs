@@ -212,3 +212,33 @@ test("SSE parser: split chunks, CRLF, comments, multi-line data", () => {
   assert.deepEqual(comments, ["subscribed after 0"]);
   assert.deepEqual(got, [{ id: "7", event: "event", data: '{"a":\n1}' }]);
 });
+
+test("an event that does not apply is a ProtocolError: reported, then re-synced (no silent stall)", async () => {
+  const { ProtocolError } = await import("../../dist/index.js");
+  const fake = new FakeDaemon();
+  fake.append(S, '"q"', "insert", insert('"q"', "3"));
+  const c = mk(fake);
+  const errors = [];
+  c.on("error", (e) => errors.push(e));
+  c.subscribe(S);
+  await c.ready(S);
+  const broken = { stream: S, seq: 2, id: '"q"', key: '"q"', from: 1, to: 2, op: "update", patch: '[{"op":"remove","path":"/nope"}]', origin: null };
+  fake.inject(`id: 2\nevent: event\ndata: ${fake.eventText(broken)}\n\n`);
+  await until(() => errors.some((e) => e instanceof ProtocolError), "protocol error reported");
+  assert.equal(c.getVersion("q"), 1, "nothing half-applied");
+  fake.append(S, '"q"', "update", hp("2"));
+  await until(() => c.getVersion("q") === 2 && c.status(S) === "live", "re-synced and live");
+  assert.equal(c.getState("q").hp.value, 2n);
+  await c.close();
+});
+
+test("unsubscribe closes the live connection", async () => {
+  const fake = new FakeDaemon();
+  const c = mk(fake);
+  const off = c.subscribe(S);
+  await c.ready(S);
+  assert.equal(fake.lives.size, 1);
+  off();
+  await until(() => fake.lives.size === 0, "live connection closed");
+  await c.close();
+});

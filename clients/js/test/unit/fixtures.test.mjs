@@ -34,3 +34,12 @@ test("decode to JS values then encode gives the same bytes", () => {
   }
   assert.deepEqual(failures, []);
 });
+
+test("the comparison is byte-exact: Int32 5 is not Double 5.0, Int64 is not Int32", () => {
+  const c = cases.find((x) => x.name === "add double_integral");
+  const got = stringify(applyPatch(parse(c.before), parse(c.patch)));
+  assert.ok(c.after.includes('"v":5.0'));
+  assert.notEqual(got, c.after.replace('"v":5.0', '"v":5'));
+  const l = cases.find((x) => x.name === "add int64_small");
+  assert.notEqual(stringify(applyPatch(parse(l.before), parse(l.patch))), l.after.replace('{"$numberLong":"5"}', "5"));
+});
