@@ -214,7 +214,7 @@ export function richBody(v, i, origin) {
 }
 
 /** A mixed load: stamped writers (upserts, edits, deletes) and an unstamped one. */
-export async function mixedLoad(coll, { writers = 3, ops = 60, docs = 8, onOp } = {}) {
+export async function mixedLoad(coll, { writers = 3, ops = 60, docs = 8, pauseMs = 0, onOp } = {}) {
   const stamped = Array.from({ length: writers }, (_, w) =>
     (async () => {
       const origin = `writer-${w}`;
@@ -224,6 +224,7 @@ export async function mixedLoad(coll, { writers = 3, ops = 60, docs = 8, onOp } 
         if (r < 0.08) await stampedDelete(coll, id);
         else await stampedWrite(coll, id, origin, (v) => richBody(v, i, origin));
         onOp?.();
+        if (pauseMs) await sleep(Math.random() * pauseMs);
       }
     })(),
   );
@@ -233,6 +234,7 @@ export async function mixedLoad(coll, { writers = 3, ops = 60, docs = 8, onOp } 
       if (i % 5 === 4) await coll.replaceOne({ _id: id }, { raw_replace: "yes", list: [1, 2, null] });
       else await coll.updateOne({ _id: id }, { $set: { raw: Long.fromNumber(i), note: `raw-${i}` } });
       onOp?.();
+      if (pauseMs) await sleep(Math.random() * pauseMs);
     }
   })();
   await Promise.all([...stamped, raw]);

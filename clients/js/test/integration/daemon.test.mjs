@@ -64,8 +64,9 @@ test("mixed stamped/unstamped load, daemon kill -9 and restart mid-load: client 
   let killed = false;
   const load = mixedLoad(coll, {
     writers: 3,
-    ops: 50,
+    ops: 80,
     docs: 8,
+    pauseMs: 30,
     onOp: () => {
       ops++;
     },
@@ -76,8 +77,10 @@ test("mixed stamped/unstamped load, daemon kill -9 and restart mid-load: client 
   await until(() => c.status(stream) === "reconnecting", "client notices the dead daemon", 60000);
   await sleep(300);
   await daemon.restart();
+  const opsAtRestart = ops;
   await load;
   assert.ok(killed);
+  assert.ok(opsAtRestart < ops, `the daemon restarted while the load was still running (${opsAtRestart} of ${ops} ops)`);
 
   await assertConverged(c, "whole-stream client");
   const h = await head();
@@ -85,7 +88,7 @@ test("mixed stamped/unstamped load, daemon kill -9 and restart mid-load: client 
   assert.equal(nonMonotonic, 0, "a change applied twice or out of order");
   assert.equal(c.stats.applied, h, "every event of the log applied exactly once");
   assert.ok(c.stats.reconnects >= 1, "the client reconnected");
-  t.diagnostic(`log head ${h}, documents ${(await readExact(coll)).size}, client stats ${JSON.stringify(c.stats)}`);
+  t.diagnostic(`restarted after ${opsAtRestart} of ${ops} ops; log head ${h}, documents ${(await readExact(coll)).size}, client stats ${JSON.stringify(c.stats)}`);
 
   // the per-document follower holds exactly those documents, type-exact
   const want = await readExact(coll);
