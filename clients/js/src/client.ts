@@ -566,7 +566,8 @@ class StreamSync {
       const abort = (this.abort = new AbortController());
       try {
         if (needCatchUp) {
-          this.setStatus("catching-up");
+          // while retrying after a failure the status stays `reconnecting` until live
+          if (this.status !== "reconnecting") this.setStatus("catching-up");
           await this.catchUp(abort.signal);
           needCatchUp = false;
         }

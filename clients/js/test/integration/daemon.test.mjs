@@ -149,7 +149,11 @@ test("typed errors: wrong token, unreachable server", async () => {
   gone.on("error", (e) => errors.push(e));
   gone.subscribe(stream);
   await until(() => errors.length >= 2, "unreachable errors reported");
-  assert.ok(errors[0] instanceof UnreachableError);
+  assert.ok(errors.every((e) => e instanceof UnreachableError), "every failure is a typed UnreachableError");
+  const seen = new Set();
+  gone.on("status", (s) => seen.add(s.status));
+  await sleep(300);
   assert.equal(gone.status(stream), "reconnecting");
+  assert.deepEqual([...seen].filter((s) => s !== "reconnecting"), [], "stays reconnecting while the server is unreachable");
   await gone.close();
 });
