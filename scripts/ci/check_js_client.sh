@@ -50,9 +50,12 @@ run() {
     # the node test runner exits non-zero on any failure; keep its summary for the total
     "$@" 2>&1 | tee -a "$log"
 }
-run "unit tests" node --test --test-reporter=spec test/unit/
-run "integration tests (eventsyncd + test server)" node --test --test-reporter=spec --test-concurrency=1 test/integration/
-run "browser test (Chromium, boss-raid demo)" node --test --test-reporter=spec test/browser/
+# --test-force-exit and --test-timeout: a failed assertion that leaves a client retrying
+# must fail the run, not hang it
+nt=(node --test --test-reporter=spec --test-force-exit --test-timeout=300000)
+run "unit tests" "${nt[@]}" test/unit/
+run "integration tests (eventsyncd + test server)" "${nt[@]}" --test-concurrency=1 test/integration/
+run "browser test (Chromium, boss-raid demo)" "${nt[@]}" test/browser/
 echo "== package size"
 node scripts/size.mjs
 if [ -f artifacts/latency.json ]; then echo "write → browser latency: $(tr -d '\n ' < artifacts/latency.json)"; fi

@@ -88,6 +88,14 @@ export class Daemon {
     const out = openSync(this.log, "a");
     this.child = spawn(daemonBinary(), ["--config", this.config], { stdio: ["ignore", "ignore", out], env: { ...process.env, RUST_LOG: "" } });
     this.exited = new Promise((r) => this.child.once("exit", r));
+    const child = this.child;
+    if (!Daemon.live) {
+      Daemon.live = new Set();
+      // never leave a daemon behind, even when a test run is cut short
+      process.once("exit", () => Daemon.live.forEach((c) => c.exitCode === null && c.kill("SIGKILL")));
+    }
+    Daemon.live.add(child);
+    child.once("exit", () => Daemon.live.delete(child));
     const headers = this.tokens.length ? { authorization: `Bearer ${this.tokens[0]}` } : {};
     await until(async () => {
       if (this.child.exitCode !== null) throw new Error(`eventsyncd exited (${this.child.exitCode}); log ${this.log}`);

@@ -9,6 +9,13 @@ import { FileStorage } from "../../dist/node.js";
 import { Daemon, mongo, unique, readExact, mixedLoad, stampedWrite, richBody, until, sleep, freePort } from "../../tools/devenv.mjs";
 
 let client, db, coll, daemon, stream;
+const opened = [];
+/** A client closed after the tests whatever happens (a failed assertion must not leave one retrying). */
+const open = (opts) => {
+  const c = new EventSyncClient(opts);
+  opened.push(c);
+  return c;
+};
 const stateDir = mkdtempSync(join(tmpdir(), "eventsync-js-state-"));
 
 before(async () => {
@@ -21,6 +28,7 @@ before(async () => {
 });
 
 after(async () => {
+  await Promise.all(opened.map((c) => c.close().catch(() => {})));
   await daemon?.stop();
   await db?.dropDatabase().catch(() => {});
   await client?.close();
@@ -47,8 +55,8 @@ async function head() {
 
 test("mixed stamped/unstamped load, daemon kill -9 and restart mid-load: client equals MongoDB, nothing applied twice", async (t) => {
   const storage = new FileStorage(join(stateDir, "a"));
-  const c = new EventSyncClient({ url: daemon.url, clientId: "it-whole", storage, ackDebounceMs: 50, backoff: { initialMs: 100, maxMs: 1000 } });
-  const sub = new EventSyncClient({ url: daemon.url, clientId: "it-docs", storage: new MemoryStorage(), backoff: { initialMs: 100, maxMs: 1000 } });
+  const c = open({ url: daemon.url, clientId: "it-whole", storage, ackDebounceMs: 50, backoff: { initialMs: 100, maxMs: 1000 } });
+  const sub = open({ url: daemon.url, clientId: "it-docs", storage: new MemoryStorage(), backoff: { initialMs: 100, maxMs: 1000 } });
   const versions = new Map();
   let nonMonotonic = 0;
   c.subscribe(stream, (ch) => {
@@ -108,7 +116,7 @@ test("mixed stamped/unstamped load, daemon kill -9 and restart mid-load: client 
     if (String(url).endsWith("/v1/sync/missing")) bodies.push(JSON.parse(init.body));
     return fetch(url, init);
   };
-  const again = new EventSyncClient({ url: daemon.url, clientId: "it-whole", storage: new FileStorage(join(stateDir, "a")), fetch: spy });
+  const again = open({ url: daemon.url, clientId: "it-whole", storage: new FileStorage(join(stateDir, "a")), fetch: spy });
   again.subscribe(stream);
   await again.ready(stream);
   assert.equal(bodies[0].vector.streams[0].position, heldPosition, "the reload sends the persisted position");
@@ -118,7 +126,7 @@ test("mixed stamped/unstamped load, daemon kill -9 and restart mid-load: client 
 });
 
 test("waitFor resolves once the write is in the log and applied locally", async () => {
-  const c = new EventSyncClient({ url: daemon.url, clientId: "it-rw", storage: new MemoryStorage() });
+  const c = open({ url: daemon.url, clientId: "it-rw", storage: new MemoryStorage() });
   c.subscribe({ stream, documents: ["rw"] });
   await c.ready(stream);
   const v = await stampedWrite(coll, "rw", "it-rw-writer", (v) => ({ hp: v + 100 }));
@@ -132,11 +140,11 @@ test("waitFor resolves once the write is in the log and applied locally", async 
 test("typed errors: wrong token, unreachable server", async () => {
   const guarded = await Daemon.start({ eventDb: unique("jsit_events_tok"), streams: [stream], tokens: ["a-very-long-token-0001"] });
   try {
-    const bad = new EventSyncClient({ url: guarded.url, token: "not-the-right-token", storage: new MemoryStorage() });
+    const bad = open({ url: guarded.url, token: "not-the-right-token", storage: new MemoryStorage() });
     bad.subscribe(stream);
     await assert.rejects(bad.ready(stream), (e) => e instanceof AuthError && e.status === 403);
     await bad.close();
-    const good = new EventSyncClient({ url: guarded.url, token: "a-very-long-token-0001", storage: new MemoryStorage() });
+    const good = open({ url: guarded.url, token: "a-very-long-token-0001", storage: new MemoryStorage() });
     good.subscribe(stream);
     await good.ready(stream);
     await good.close();
@@ -144,7 +152,7 @@ test("typed errors: wrong token, unreachable server", async () => {
     await guarded.stop();
   }
   const port = await freePort();
-  const gone = new EventSyncClient({ url: `http://127.0.0.1:${port}`, storage: new MemoryStorage(), backoff: { initialMs: 20, maxMs: 50 } });
+  const gone = open({ url: `http://127.0.0.1:${port}`, storage: new MemoryStorage(), backoff: { initialMs: 20, maxMs: 50 } });
   const errors = [];
   gone.on("error", (e) => errors.push(e));
   gone.subscribe(stream);
