@@ -13,8 +13,8 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
 fi
 node_major=$(node -p 'process.versions.node.split(".")[0]')
-if [ "$node_major" -lt 18 ]; then
-    echo "check_js_client: Node >= 18 is needed (found $(node --version))" >&2
+if [ "$node_major" -lt 20 ]; then
+    echo "check_js_client: Node >= 20 is needed (found $(node --version))" >&2
     exit 1
 fi
 CHROMIUM_PATH="${CHROMIUM_PATH:-/usr/bin/chromium}"

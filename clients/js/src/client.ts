@@ -164,7 +164,7 @@ export class EventSyncClient {
     this.opts = opts;
     this.url = opts.url.replace(/\/+$/, "");
     const f = opts.fetch ?? globalThis.fetch;
-    if (!f) throw new TypeError("EventSyncClient: no fetch implementation (Node >= 18 or pass `fetch`)");
+    if (!f) throw new TypeError("EventSyncClient: no fetch implementation (Node >= 20 or pass `fetch`)");
     this.fetchFn = f.bind(globalThis);
     this.storage = opts.storage ?? defaultStorage();
   }

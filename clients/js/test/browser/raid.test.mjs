@@ -49,7 +49,7 @@ test("boss raid page: live updates, daemon restart, reload from IndexedDB", asyn
   // controlled writes: each must show up; the page measures write → browser latency
   const shown = async (version) => page.waitForFunction((v) => Number(document.body.dataset.version) >= v, version, { timeout: 20000, polling: 10 });
   await page.evaluate(() => (window.raid.latencies.length = 0));
-  for (let i = 0; i < 60; i++) {
+  for (let i = 0; i < 150; i++) {
     const w = await hit(demo.coll, demo.raidId, ["aria", "brom", "cyra", "dax"][i % 4]);
     await shown(w.version);
     const hp = await page.evaluate(() => document.getElementById("boss-hp").dataset.hp);
@@ -57,7 +57,7 @@ test("boss raid page: live updates, daemon restart, reload from IndexedDB", asyn
     await new Promise((r) => setTimeout(r, 40));
   }
   const lat = (await page.evaluate(() => window.raid.latencies)).sort((a, b) => a - b);
-  assert.equal(lat.length >= 60, true, "every write reached the page live");
+  assert.equal(lat.length >= 150, true, "every write reached the page live");
 
   // daemon kill -9 and restart: the page reconnects and keeps following
   await demo.daemon.kill9();
