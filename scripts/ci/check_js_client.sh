@@ -26,7 +26,9 @@ fi
 export CHROMIUM_PATH
 
 echo "== build eventsyncd"
-cargo build --quiet --bin eventsyncd
+# Built the way the Rust integration tests build it (the same feature set as
+# scripts/test.sh, so after it this is a no-op instead of a second compile of the deps).
+cargo test --quiet --no-run --test golden_fixtures
 export EVENTSYNC_BIN="$PWD/target/debug/eventsyncd"
 
 started=0
