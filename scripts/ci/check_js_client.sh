@@ -37,7 +37,8 @@ if [ -z "${EVENTSYNC_TEST_MONGODB_URI:-}" ]; then
     started=1
 fi
 export EVENTSYNC_TEST_MONGODB_URI
-cleanup() { if [ "$started" = 1 ]; then scripts/testenv/stop.sh >/dev/null 2>&1 || true; fi; }
+root="$PWD"
+cleanup() { if [ "$started" = 1 ]; then "$root/scripts/testenv/stop.sh" >/dev/null 2>&1 || true; fi; }
 trap cleanup EXIT
 
 cd clients/js
