@@ -84,9 +84,6 @@ async fn rename(client: &mongodb::Client, db: &str, from: &str, to: &str, drop_t
 
 /// Drop → the log converges to the empty collection; re-creation → it follows the new
 /// documents, including ids the dropped collection had (new incarnations).
-#[ignore = "daemon: after the invalidate the server closes the cursor (id 0, as MongoDB does); \
-pipeline::source::run then busy-loops on the exhausted stream (next_if_any -> Ok(None), no await \
-point) and the worker task never handles the drop/rename it was sent: no re-read, log not converged"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn drop_converges_to_empty_and_a_recreated_collection_continues() {
     let client = client().await;
@@ -154,9 +151,6 @@ async fn drop_converges_to_empty_and_a_recreated_collection_continues() {
 
 /// Rename away → the log converges to the empty collection; a rename of another collection
 /// onto the watched name (`dropTarget`) → it converges to the new contents; writes go on.
-#[ignore = "daemon: after the invalidate the server closes the cursor (id 0, as MongoDB does); \
-pipeline::source::run then busy-loops on the exhausted stream (next_if_any -> Ok(None), no await \
-point) and the worker task never handles the drop/rename it was sent: no re-read, log not converged"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rename_away_and_rename_onto_the_watched_name_converge() {
     let client = client().await;
@@ -221,8 +215,6 @@ async fn rename_away_and_rename_onto_the_watched_name_converge() {
 /// post-batch resume token of the invalidating batch holds): `resumeAfter` it fails with
 /// InvalidResumeToken (260) for good, so the daemon must open a fresh stream and re-read
 /// instead of retrying the same token.
-#[ignore = "daemon: resumeAfter an invalidate token fails with 260 InvalidResumeToken, which \
-is_history_lost does not cover; the worker retries the same token for ever (WorkerError::Open)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_checkpoint_at_an_invalidate_token_does_not_wedge_the_stream() {
     let client = client().await;
