@@ -31,12 +31,35 @@ pub async fn merged_page(
     if let Some(keys) = keys {
         filter.insert("doc_key", doc! { "$in": keys.to_vec() });
     }
-    let events = store
-        .find_events(filter, doc! { "seq": 1 }, limit as i64)
-        .await?;
-    let snaps = store
-        .snapshots_after(stream, after, keys, limit as i64)
-        .await?;
+    // Compaction stores a snapshot before it deletes the events it replaces. Snapshots read
+    // before and after the events, and found the same, are therefore consistent with them:
+    // no event of the page lacks the snapshot it follows. Otherwise the page is read again.
+    let mut attempts = 0;
+    let (events, snaps) = loop {
+        attempts += 1;
+        let before = store
+            .snapshots_after(stream, after, keys, limit as i64)
+            .await?;
+        let events = store
+            .find_events(filter.clone(), doc! { "seq": 1 }, limit as i64)
+            .await?;
+        let snaps = store
+            .snapshots_after(stream, after, keys, limit as i64)
+            .await?;
+        let same = before.len() == snaps.len()
+            && before
+                .iter()
+                .zip(&snaps)
+                .all(|(a, b)| a.doc_key == b.doc_key && a.version == b.version);
+        if same {
+            break (events, snaps);
+        }
+        if attempts >= 10 {
+            return Err(ApiError::Unavailable(
+                "compaction kept moving snapshots while the page was read; retry".into(),
+            ));
+        }
+    };
     let mut items: Vec<Item> = Vec::with_capacity(events.len() + snaps.len());
     for e in &events {
         items.push(Item::Event(EventOut::from_record(e)?));

@@ -19,7 +19,7 @@
 //! compare-and-swap on their version, and each replica deletes only events at or below a
 //! snapshot already stored.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::time::Duration;
 
 use bson::{doc, DateTime};
@@ -46,7 +46,8 @@ pub struct CompactionConfig {
     pub keep_per_document: usize,
     /// More events than this per document are compacted even if unacknowledged.
     pub hard_max_per_document: usize,
-    /// Events examined per stream and run (bounds the job's memory).
+    /// Events examined per stream and run (bounds the job's memory); the next run goes on
+    /// after them, and starts over at the end of the log.
     pub max_scan_events: usize,
 }
 
@@ -106,7 +107,11 @@ struct Ev {
     appended_ms: i64,
 }
 
-/// Compacts one stream once.
+/// Compacts one stream once: the documents of the next `max_scan_events` events after the
+/// saved scan position, each judged on its whole history (a per-document scan). The
+/// position moves past the window every run, and starts over at the end of the log, so
+/// compaction makes progress over any log shape — a window where nothing qualifies (one
+/// idle client, documents whose newest events sit at the start) is simply passed.
 pub async fn compact_stream(
     store: &Store,
     stream: &str,
@@ -115,44 +120,39 @@ pub async fn compact_stream(
     let clients: Vec<ClientRecord> = store.list_clients().await?;
     let cutoff =
         DateTime::now().timestamp_millis() - (cfg.min_age_secs as i64).saturating_mul(1000);
+    let after = store.compaction_position(stream).await?;
     let mut cursor = store
         .events()
-        .find(doc! { "stream": stream })
+        .find(doc! { "stream": stream, "seq": { "$gt": after } })
         .sort(doc! { "seq": 1 })
-        .projection(doc! { "doc_key": 1, "seq": 1, "to_version": 1, "appended_at": 1 })
+        .projection(doc! { "doc_key": 1, "seq": 1 })
         .limit(cfg.max_scan_events as i64)
         .await?;
-    // Streamed, not collected: memory holds only the small per-event summaries.
-    let mut by_doc: HashMap<String, Vec<Ev>> = HashMap::new();
+    // Streamed, not collected: memory holds the window's document keys only.
     let mut order: Vec<String> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let (mut scanned, mut last) = (0usize, after);
     while let Some(d) = cursor.try_next().await? {
-        let d = &d;
-        let (Ok(key), Some(seq), Some(to_version)) = (
-            d.get_str("doc_key"),
-            get_int(d, "seq"),
-            get_int(d, "to_version"),
-        ) else {
-            continue;
-        };
-        let appended_ms = d
-            .get_datetime("appended_at")
-            .map_or(i64::MAX, |t| t.timestamp_millis());
-        by_doc
-            .entry(key.to_owned())
-            .or_insert_with(|| {
+        scanned += 1;
+        if let Some(seq) = get_int(&d, "seq") {
+            last = last.max(seq);
+        }
+        if let Ok(key) = d.get_str("doc_key") {
+            if seen.insert(key.to_owned()) {
                 order.push(key.to_owned());
-                Vec::new()
-            })
-            .push(Ev {
-                seq,
-                to_version,
-                appended_ms,
-            });
+            }
+        }
     }
+    drop(seen);
+    let next_position = if scanned < cfg.max_scan_events {
+        0
+    } else {
+        last
+    };
 
     let mut stats = RunStats::default();
     for key in order {
-        let evs = &by_doc[&key];
+        let evs = &document_events(store, stream, &key).await?;
         let n = evs.len();
         let mut soft = 0;
         for e in evs.iter().take(n.saturating_sub(cfg.keep_per_document)) {
@@ -228,7 +228,34 @@ pub async fn compact_stream(
             .with_label_values(&[stream])
             .inc_by(deleted);
     }
+    store
+        .save_compaction_position(stream, next_position)
+        .await?;
     Ok(stats)
+}
+
+/// A document's events, oldest first, as small summaries.
+async fn document_events(store: &Store, stream: &str, key: &str) -> Result<Vec<Ev>, StoreError> {
+    let mut cursor = store
+        .events()
+        .find(doc! { "ns": stream, "doc_key": key })
+        .sort(doc! { "to_version": 1 })
+        .projection(doc! { "seq": 1, "to_version": 1, "appended_at": 1 })
+        .await?;
+    let mut out = Vec::new();
+    while let Some(d) = cursor.try_next().await? {
+        let (Some(seq), Some(to_version)) = (get_int(&d, "seq"), get_int(&d, "to_version")) else {
+            continue;
+        };
+        out.push(Ev {
+            seq,
+            to_version,
+            appended_ms: d
+                .get_datetime("appended_at")
+                .map_or(i64::MAX, |t| t.timestamp_millis()),
+        });
+    }
+    Ok(out)
 }
 
 /// Starts the compaction job: every `interval_ms`, each stream whose lease this replica

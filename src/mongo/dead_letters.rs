@@ -29,7 +29,11 @@ impl Store {
         match &letter.token {
             Some(t) => {
                 d.insert("token", t.clone());
-                let id = doc! { "stream": stream, "token": t.clone() };
+                // A string key: portable to servers that cannot match a document `_id`.
+                let id = format!(
+                    "{stream}\u{1f}{}",
+                    bson::Bson::Document(t.clone()).into_relaxed_extjson()
+                );
                 self.dead_letters()
                     .update_one(doc! { "_id": id }, doc! { "$setOnInsert": d })
                     .upsert(true)
