@@ -24,7 +24,7 @@ use eventsync::client::StampFields;
 use eventsync::diff;
 use eventsync::mongo::events::{EventRecord, Operation};
 use eventsync::mongo::{doc_key, StoreError};
-use eventsync::pipeline::append::{Appender, LeaseGuard, Phase};
+use eventsync::pipeline::append::{Appender, LeaseGuard, Phase, Prepared};
 use eventsync::pipeline::memory_store::{MemorySource, MemoryStore};
 use eventsync::pipeline::publish::Publisher;
 use eventsync::pipeline::recovery::recover;
@@ -207,6 +207,14 @@ struct Script {
     lookahead: usize,
     /// Restarts (counted from 0) at which the resume point is found lost.
     history_lost_at: Vec<usize>,
+    /// Whether batch N is prepared before batch N−1 is written, as the worker does.
+    mode: Mode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Sequential,
+    Pipelined,
 }
 
 struct Holder {
@@ -216,6 +224,8 @@ struct Holder {
     lost: watch::Sender<bool>,
     epoch: i64,
     appender: Option<Appender<MemoryStore>>,
+    /// Pipelined mode: the prepared batch not yet written.
+    pending: Option<Prepared>,
     /// Next change to read.
     pos: usize,
     /// Writes the collection has seen (lookups read this state): one clock for every
@@ -233,7 +243,7 @@ enum Progress {
 
 fn config() -> PipelineConfig {
     PipelineConfig {
-        shadow_cache_entries: 8,
+        shadow_cache_entries: 2,
         ..PipelineConfig::default()
     }
 }
@@ -247,6 +257,7 @@ impl Holder {
             lost: watch::channel(false).0,
             epoch: 0,
             appender: None,
+            pending: None,
             pos: 0,
             clock: clock.clone(),
             restarts: 0,
@@ -345,11 +356,36 @@ impl Holder {
             .appender
             .as_mut()
             .ok_or(StoreError::Unavailable("holder not started"))?;
-        appender
-            .process(&changes, Some(token(self.pos + n)), Phase::Live)
-            .await?;
+        match script.mode {
+            Mode::Sequential => {
+                appender
+                    .process(&changes, Some(token(self.pos + n)), Phase::Live)
+                    .await?;
+            }
+            Mode::Pipelined => {
+                // Batch N is prepared from the store before batch N−1 is written.
+                let batch = appender
+                    .prepare(&changes, Some(token(self.pos + n)), Phase::Live)
+                    .await?;
+                if let Some(previous) = self.pending.replace(batch) {
+                    let number = previous.number();
+                    appender.committer().commit(previous).await?;
+                    appender.confirm(number);
+                }
+            }
+        }
         self.pos += n;
         Ok(Progress::More)
+    }
+
+    /// Writes the batch still pending in pipelined mode.
+    async fn flush(&mut self) -> Result<(), StoreError> {
+        if let (Some(appender), Some(batch)) = (self.appender.as_mut(), self.pending.take()) {
+            let number = batch.number();
+            appender.committer().commit(batch).await?;
+            appender.confirm(number);
+        }
+        Ok(())
     }
 
     /// Runs to the end of the world, restarting after crashes (the store heals: a new
@@ -361,13 +397,14 @@ impl Holder {
                     self.start(world, script).await?;
                 }
                 while self.batch(world, script).await? == Progress::More {}
-                Ok::<(), StoreError>(())
+                self.flush().await
             };
             match step.await {
                 Ok(()) => return Ok(()),
                 Err(StoreError::Unavailable(_)) => {
                     self.store.heal();
                     self.appender = None;
+                    self.pending = None;
                     assert!(
                         self.acquire().await,
                         "a restarted holder takes its lease back"
@@ -375,6 +412,7 @@ impl Holder {
                 }
                 Err(StoreError::Fenced(_)) => {
                     self.appender = None;
+                    self.pending = None;
                     if !self.acquire().await {
                         return Err(StoreError::Fenced(STREAM.into()));
                     }
@@ -470,6 +508,11 @@ fn script(seed: u64) -> Script {
         before_start: 4,
         lookahead: 2,
         history_lost_at: vec![],
+        mode: if seed % 2 == 0 {
+            Mode::Sequential
+        } else {
+            Mode::Pipelined
+        },
     }
 }
 
@@ -497,8 +540,14 @@ async fn a_clean_run_replays_to_mongodb() {
 /// again at each of the first writes after the restart (recovery, re-read, first batch).
 #[tokio::test]
 async fn a_crash_at_any_write_and_again_during_recovery_loses_nothing() {
+    for mode in [Mode::Sequential, Mode::Pipelined] {
+        crash_at_every_write(mode).await;
+    }
+}
+
+async fn crash_at_every_write(mode: Mode) {
     let world = World::generate(7, 40, 5);
-    let base = script(7);
+    let base = Script { mode, ..script(7) };
     let total = clean_run(&world, &base).await.writes();
     assert!(total > 20, "the scenario makes enough writes ({total})");
     let mut runs = 0;
@@ -517,6 +566,7 @@ async fn a_crash_at_any_write_and_again_during_recovery_loses_nothing() {
                         store.fail_at(store.writes() + k, landed);
                     }
                     a.appender = None;
+                    a.pending = None;
                     assert!(a.acquire().await);
                 }
                 a.run_to_end(&world, &base).await.unwrap_or_else(|e| {
@@ -542,7 +592,7 @@ impl Holder {
                 self.start(world, script).await?;
             }
             while self.batch(world, script).await? == Progress::More {}
-            Ok::<(), StoreError>(())
+            self.flush().await
         }
         .await;
         match result {
@@ -717,6 +767,7 @@ async fn a_recreated_document_after_history_loss_converges() {
         before_start: 0,
         lookahead: 0,
         history_lost_at: vec![1],
+        mode: Mode::Sequential,
     };
     let time = clock(0);
     let mut a = Holder::new("a", &store, 1, &time);
@@ -765,6 +816,7 @@ proptest! {
         lookahead in 0usize..4,
         crashes in proptest::collection::vec(1u64..400, 0..4),
         lost in proptest::collection::vec(0usize..6, 0..3),
+        pipelined in any::<bool>(),
     ) {
         let world = World::generate(seed, writes, docs);
         let script = Script {
@@ -772,6 +824,7 @@ proptest! {
             before_start: (seed % 5) as usize,
             lookahead,
             history_lost_at: lost,
+            mode: if pipelined { Mode::Pipelined } else { Mode::Sequential },
         };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         rt.block_on(async {
@@ -790,6 +843,7 @@ proptest! {
                 }
                 store.heal();
                 a.appender = None;
+                a.pending = None;
                 assert!(a.acquire().await);
             }
             a.run_to_end(&world, &script).await.expect("run");

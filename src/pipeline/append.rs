@@ -69,6 +69,13 @@ pub enum Phase {
 }
 
 /// Appends batches for one stream while this replica holds its lease.
+///
+/// A batch goes through two steps: [`Appender::prepare`] decides its events and shadows
+/// (reads and CPU only), and a [`Committer`] writes them. [`Appender::process`] does both
+/// in turn; the worker pipelines them — it prepares batch N while batch N−1 is written —
+/// without weakening any invariant: writes still happen batch after batch in the same
+/// order and under the same guards, and batch N is only prepared from states the log
+/// holds or that batch N−1 (written before it) will hold.
 pub struct Appender<S: LogStore> {
     store: S,
     stream: String,
@@ -76,9 +83,103 @@ pub struct Appender<S: LogStore> {
     fields: StampFields,
     max_event_bytes: usize,
     cache: LruCache<String, Shadow>,
+    /// Shadows of prepared batches not yet confirmed written, by batch number: they take
+    /// precedence over the cache (which may evict them) and over the store (which may not
+    /// have them yet).
+    unconfirmed: HashMap<String, (u64, Shadow)>,
+    prepared_batches: u64,
     publisher: Publisher,
-    /// The checkpoint as last stored.
+    /// The checkpoint as of the last prepared batch.
     pub checkpoint: Checkpoint,
+}
+
+/// A batch whose events are decided but not yet written.
+#[derive(Debug)]
+pub struct Prepared {
+    number: u64,
+    dead: Vec<DeadLetter>,
+    events: Vec<EventRecord>,
+    shadows: Vec<ShadowWrite>,
+    checkpoint: Checkpoint,
+    stats: BatchStats,
+    changes: usize,
+    started: Instant,
+}
+
+impl Prepared {
+    /// The batch's number (see [`Appender::confirm`]).
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+}
+
+/// Writes prepared batches, in the order that makes a crash harmless: dead letters,
+/// events, shadows, then the checkpoint; then wakes the publishers.
+#[derive(Clone)]
+pub struct Committer<S: LogStore> {
+    store: S,
+    stream: String,
+    guard: LeaseGuard,
+    publisher: Publisher,
+}
+
+impl<S: LogStore> Committer<S> {
+    /// Writes `batch`. Batches must be committed one at a time, in preparation order.
+    pub async fn commit(&self, batch: Prepared) -> Result<BatchStats, StoreError> {
+        let m = metrics();
+        let stream = &self.stream;
+        let append_timer = Instant::now();
+        // Dead letters first: a crash after the events would resume past their changes
+        // (recovery moves the checkpoint to the last event), and they would be lost.
+        for letter in &batch.dead {
+            self.guard.check(stream)?;
+            self.store
+                .dead_letter(stream, self.guard.epoch(), letter)
+                .await?;
+            m.dead_letters
+                .with_label_values(&[stream.as_str(), letter.reason.as_str()])
+                .inc();
+        }
+        if !batch.events.is_empty() {
+            self.guard.check(stream)?;
+            self.store.append_events(&batch.events).await?;
+            self.guard.check(stream)?;
+            self.store.save_shadows(stream, batch.shadows).await?;
+        }
+        self.guard.check(stream)?;
+        self.store
+            .save_checkpoint(stream, self.guard.epoch(), &batch.checkpoint)
+            .await?;
+        m.checkpoint_timestamp
+            .with_label_values(&[stream])
+            .set(crate::ops::metrics::unix_now());
+        if !batch.events.is_empty() {
+            self.publisher.appended();
+            for ev in &batch.events {
+                m.events_appended
+                    .with_label_values(&[stream, ev.op.as_str()])
+                    .inc();
+            }
+            if let Some(wall) = batch.events.last().and_then(|e| e.wall_time) {
+                let lag =
+                    (DateTime::now().timestamp_millis() - wall.timestamp_millis()) as f64 / 1000.0;
+                m.replication_lag
+                    .with_label_values(&[stream])
+                    .set(lag.max(0.0));
+            }
+        }
+        m.changes_skipped
+            .with_label_values(&[stream])
+            .inc_by(batch.stats.skipped as u64);
+        m.batch_size
+            .with_label_values(&[stream])
+            .observe(batch.changes as f64);
+        m.append_duration
+            .with_label_values(&[stream])
+            .observe(append_timer.elapsed().as_secs_f64());
+        debug!(stream = %stream, changes = batch.changes, events = batch.stats.events, took_ms = batch.started.elapsed().as_millis() as u64, "batch appended");
+        Ok(batch.stats)
+    }
 }
 
 /// What one batch did.
@@ -121,9 +222,26 @@ impl<S: LogStore> Appender<S> {
             cache: LruCache::new(
                 NonZeroUsize::new(config.shadow_cache_entries).unwrap_or(NonZeroUsize::MIN),
             ),
+            unconfirmed: HashMap::new(),
+            prepared_batches: 0,
             publisher,
             checkpoint,
         }
+    }
+
+    /// The writer of this appender's batches (a handle that can run beside it).
+    pub fn committer(&self) -> Committer<S> {
+        Committer {
+            store: self.store.clone(),
+            stream: self.stream.clone(),
+            guard: self.guard.clone(),
+            publisher: self.publisher.clone(),
+        }
+    }
+
+    /// Records that batch `number` (and every one before it) is written.
+    pub fn confirm(&mut self, number: u64) {
+        self.unconfirmed.retain(|_, (n, _)| *n > number);
     }
 
     /// The stream name.
@@ -146,23 +264,46 @@ impl<S: LogStore> Appender<S> {
         &self.fields
     }
 
-    /// Processes `changes` and stores the checkpoint at `token` (unchanged when `None`).
+    /// Processes `changes` and stores the checkpoint at `token` (unchanged when `None`):
+    /// [`Appender::prepare`], then the commit, in turn.
     pub async fn process(
         &mut self,
         changes: &[DocChange],
         token: Option<Document>,
         phase: Phase,
     ) -> Result<BatchStats, StoreError> {
+        let batch = self.prepare(changes, token, phase).await?;
+        let number = batch.number();
+        let stats = self.committer().commit(batch).await?;
+        self.confirm(number);
+        Ok(stats)
+    }
+
+    /// Decides the events, shadows and checkpoint of `changes` (checkpoint at `token`,
+    /// unchanged when `None`) without writing them. Later batches are prepared on top of
+    /// this one; it must be committed before them.
+    pub async fn prepare(
+        &mut self,
+        changes: &[DocChange],
+        token: Option<Document>,
+        phase: Phase,
+    ) -> Result<Prepared, StoreError> {
         let m = metrics();
         let started = Instant::now();
         let stream = self.stream.clone();
         let mut stats = BatchStats::default();
+        self.prepared_batches += 1;
+        let number = self.prepared_batches;
 
-        // Shadows of the batch: from the cache, the rest in one query.
+        // Shadows of the batch: unconfirmed ones, then the cache, the rest in one query.
         let mut working: HashMap<String, Option<Shadow>> = HashMap::new();
         let mut missing = Vec::new();
         for c in changes {
             if working.contains_key(&c.doc_key) {
+                continue;
+            }
+            if let Some((_, s)) = self.unconfirmed.get(&c.doc_key) {
+                working.insert(c.doc_key.clone(), Some(s.clone()));
                 continue;
             }
             match self.cache.get(&c.doc_key) {
@@ -180,7 +321,6 @@ impl<S: LogStore> Appender<S> {
                 working.insert(k, Some(s));
             }
         }
-
         let mut events: Vec<EventRecord> = Vec::new();
         let mut dirty: Vec<String> = Vec::new();
         let mut dead = Vec::new();
@@ -243,74 +383,41 @@ impl<S: LogStore> Appender<S> {
             }
         }
 
-        let append_timer = Instant::now();
-        // Dead letters first: a crash after the events would resume past their changes
-        // (recovery moves the checkpoint to the last event), and they would be lost.
-        for (c, reason, detail) in dead {
-            self.dead_letter(&DeadLetter {
+        let dead = dead
+            .into_iter()
+            .map(|(c, reason, detail)| DeadLetter {
                 doc_id: Some(c.doc_id.clone()),
                 token: c.token.clone(),
                 reason: reason.to_owned(),
                 detail,
             })
-            .await?;
-        }
-        if !events.is_empty() {
-            self.guard.check(&stream)?;
-            self.store.append_events(&events).await?;
-            let shadows: Vec<ShadowWrite> =
-                dirty.iter().filter_map(|k| records.remove(k)).collect();
-            self.guard.check(&stream)?;
-            self.store.save_shadows(&stream, shadows).await?;
-        }
+            .collect();
+        let shadows: Vec<ShadowWrite> = dirty.iter().filter_map(|k| records.remove(k)).collect();
         let next = Checkpoint {
             token: token.or_else(|| self.checkpoint.token.clone()),
             seq,
             resync_pending: phase == Phase::Rereading,
             updated_at: DateTime::now(),
         };
-        self.guard.check(&stream)?;
-        self.store
-            .save_checkpoint(&stream, self.guard.epoch(), &next)
-            .await?;
-        self.checkpoint = next;
-        m.checkpoint_timestamp
-            .with_label_values(&[&stream])
-            .set(crate::ops::metrics::unix_now());
-
-        // Only now is the new state durable: remember it.
+        self.checkpoint = next.clone();
+        // Later batches build on these states (the log will hold them before theirs).
         for k in &dirty {
             if let Some(Some(s)) = working.remove(k) {
-                self.cache.put(k.clone(), s);
+                self.cache.put(k.clone(), s.clone());
+                self.unconfirmed.insert(k.clone(), (number, s));
             }
         }
-        if !events.is_empty() {
-            self.publisher.appended();
-            for ev in &events {
-                m.events_appended
-                    .with_label_values(&[&stream, ev.op.as_str()])
-                    .inc();
-            }
-            if let Some(wall) = events.last().and_then(|e| e.wall_time) {
-                let lag =
-                    (DateTime::now().timestamp_millis() - wall.timestamp_millis()) as f64 / 1000.0;
-                m.replication_lag
-                    .with_label_values(&[&stream])
-                    .set(lag.max(0.0));
-            }
-        }
-        m.changes_skipped
-            .with_label_values(&[&stream])
-            .inc_by(stats.skipped as u64);
-        m.batch_size
-            .with_label_values(&[&stream])
-            .observe(changes.len() as f64);
-        m.append_duration
-            .with_label_values(&[&stream])
-            .observe(append_timer.elapsed().as_secs_f64());
         stats.events = events.len();
-        debug!(stream = %stream, changes = changes.len(), events = stats.events, took_ms = started.elapsed().as_millis() as u64, "batch appended");
-        Ok(stats)
+        Ok(Prepared {
+            number,
+            dead,
+            events,
+            shadows,
+            checkpoint: next,
+            stats,
+            changes: changes.len(),
+            started,
+        })
     }
 
     /// Stores a checkpoint without a resume token and with a re-read pending: the next run

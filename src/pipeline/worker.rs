@@ -15,7 +15,7 @@ use mongodb::Collection;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, info_span, warn, Instrument};
 
-use super::append::{Appender, LeaseGuard, Phase};
+use super::append::{Appender, BatchStats, Committer, LeaseGuard, Phase, Prepared};
 use super::publish::Publisher;
 use super::recovery::recover;
 use super::resync::resync;
@@ -51,6 +51,9 @@ pub enum WorkerError {
     /// The source task ended unexpectedly.
     #[error("change stream reader stopped")]
     ReaderStopped,
+    /// The task writing a batch ended without a result.
+    #[error("batch writer stopped")]
+    CommitStopped,
 }
 
 impl WorkerError {
@@ -63,6 +66,7 @@ impl WorkerError {
             WorkerError::LeaseLost => "lease_lost",
             WorkerError::Reopen(_) => "reopen",
             WorkerError::ReaderStopped => "reader_stopped",
+            WorkerError::CommitStopped => "commit_stopped",
         }
     }
 }
@@ -243,12 +247,17 @@ impl StreamWorker {
         ));
         let _reader_guard = AbortOnDrop(reader);
 
+        let mut pipeline = Pipeline {
+            committer: appender.committer(),
+            pending: None,
+        };
         let mut items = Vec::with_capacity(self.pipeline.batch_size);
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {
+                        pipeline.finish(&mut appender).await?;
                         info!(seq = appender.checkpoint.seq, "shutting down: checkpoint stored");
                         return Ok(());
                     }
@@ -259,7 +268,7 @@ impl StreamWorker {
                     }
                     let drained: Vec<Item> = std::mem::take(&mut items);
                     let batch = info_span!("batch", items = n, seq = appender.checkpoint.seq);
-                    self.handle(&mut appender, drained).instrument(batch).await?;
+                    self.handle(&mut appender, &mut pipeline, drained).instrument(batch).await?;
                     let age = (DateTime::now().timestamp_millis() - appender.checkpoint.updated_at.timestamp_millis()) as f64 / 1000.0;
                     m.checkpoint_age.with_label_values(&[&self.name]).set(age.max(0.0));
                 }
@@ -271,6 +280,7 @@ impl StreamWorker {
     async fn handle(
         &self,
         appender: &mut Appender<Store>,
+        pipeline: &mut Pipeline<Store>,
         items: Vec<Item>,
     ) -> Result<(), WorkerError> {
         let m = metrics();
@@ -372,7 +382,9 @@ impl StreamWorker {
         if !changes.is_empty() || token.is_some() {
             let stale = token.is_some() && token == appender.checkpoint.token && changes.is_empty();
             if !stale {
-                appender.process(&changes, token, Phase::Live).await?;
+                // Prepared while the previous batch is written; written after it.
+                let batch = appender.prepare(&changes, token, Phase::Live).await?;
+                pipeline.submit(appender, batch).await?;
             }
         }
         if let Some(lag) = lag {
@@ -380,6 +392,9 @@ impl StreamWorker {
                 .with_label_values(&[&self.name])
                 .set(lag);
             self.health.progress(&self.name, lag);
+        }
+        if reopen.is_some() || failure.is_some() {
+            pipeline.finish(appender).await?;
         }
         if let Some(kind) = reopen {
             // Re-read on the next run: the collection's documents may all be gone.
@@ -412,9 +427,47 @@ async fn dead<S: LogStore>(
         .await
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// The append stage's pipeline: at most one batch being written while the next one is
+/// prepared. Dropping it (a lost lease, shutdown of the run) aborts the write under way —
+/// a stop between two writes, which the log path is built to survive.
+struct Pipeline<S: LogStore> {
+    committer: Committer<S>,
+    pending: Option<(u64, AbortOnDrop<Result<BatchStats, StoreError>>)>,
+}
 
-impl Drop for AbortOnDrop {
+impl<S: LogStore> Pipeline<S> {
+    /// Waits for the batch being written, if any.
+    async fn finish(&mut self, appender: &mut Appender<S>) -> Result<(), WorkerError> {
+        if let Some((number, mut task)) = self.pending.take() {
+            match (&mut task.0).await {
+                Ok(result) => {
+                    result?;
+                }
+                Err(_) => return Err(WorkerError::CommitStopped),
+            }
+            appender.confirm(number);
+        }
+        Ok(())
+    }
+
+    /// Writes `batch` after the one before it.
+    async fn submit(
+        &mut self,
+        appender: &mut Appender<S>,
+        batch: Prepared,
+    ) -> Result<(), WorkerError> {
+        self.finish(appender).await?;
+        let committer = self.committer.clone();
+        let number = batch.number();
+        let task = tokio::spawn(async move { committer.commit(batch).await });
+        self.pending = Some((number, AbortOnDrop(task)));
+        Ok(())
+    }
+}
+
+struct AbortOnDrop<T = ()>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
