@@ -117,6 +117,8 @@ impl StreamWorker {
                                 backoff = base;
                             }
                             Err(e) => {
+                                // HOOK (operator controls): last error for the admin status.
+                                super::control::record_error(&self.store, &self.name, &self.holder, &e).await;
                                 m.error("stream", e.kind());
                                 error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "stream stopped; restarting from the checkpoint");
                                 self.health.set_role(&self.name, StreamRole::Failed);
@@ -232,6 +234,13 @@ impl StreamWorker {
         ));
         let _renew_guard = AbortOnDrop(renewer);
 
+        // HOOK (operator controls, src/pipeline/control.rs): polled once a second, not per
+        // batch; while paused no changes are taken (the lease keeps being renewed).
+        let mut controls =
+            super::control::Controls::start(&self.store, &self.name, &self.holder, epoch, &self.source).await;
+        let mut control_tick = tokio::time::interval(super::control::POLL);
+        control_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
         let mut items = Vec::with_capacity(self.pipeline.batch_size);
         loop {
             tokio::select! {
@@ -243,7 +252,13 @@ impl StreamWorker {
                     }
                 }
                 _ = lost_rx.changed() => return Err(WorkerError::LeaseLost),
-                n = rx.recv_many(&mut items, self.pipeline.batch_size) => {
+                // HOOK (operator controls): re-read / start-at end the run and re-open.
+                _ = control_tick.tick() => {
+                    if let super::control::Reaction::Reopen(why) = controls.poll(&appender.checkpoint).await {
+                        return Err(WorkerError::Reopen(why.into()));
+                    }
+                }
+                n = rx.recv_many(&mut items, self.pipeline.batch_size), if !controls.paused() => {
                     if n == 0 {
                         return Err(WorkerError::ReaderStopped);
                     }
