@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! { _id: ObjectId, stream, action: "resync"|"pause"|"resume"|"start_at",
-//!   start_at?: { cluster_time?: Timestamp, token?: {...} }, reason?: <text>,
+//!   start_at?: { t?: <seconds>, i?: <increment>, token?: {...} }, reason?: <text>,
 //!   requested_by, requested_at_ms: Int64,
 //!   state: "pending"|"done"|"failed", done_at_ms?, holder?, epoch?, result? }
 //! ```
@@ -124,10 +124,12 @@ impl ControlRecord {
                 let at = d
                     .get_document("start_at")
                     .map_err(|_| corrupt(d, "start_at without a point"))?;
-                match (at.get("cluster_time"), at.get_document("token")) {
-                    (Some(Bson::Timestamp(t)), _) => {
-                        ControlAction::StartAt(StartPoint::ClusterTime(*t))
-                    }
+                match (get_int(at, "t"), at.get_document("token")) {
+                    (Some(t), _) => ControlAction::StartAt(StartPoint::ClusterTime(Timestamp {
+                        time: u32::try_from(t).map_err(|_| corrupt(d, "start_at.t out of range"))?,
+                        increment: u32::try_from(get_int(at, "i").unwrap_or(0))
+                            .map_err(|_| corrupt(d, "start_at.i out of range"))?,
+                    })),
                     (_, Ok(t)) => ControlAction::StartAt(StartPoint::Token(t.clone())),
                     _ => return Err(corrupt(d, "start_at without a point")),
                 }
@@ -220,7 +222,10 @@ impl Store {
             d.insert(
                 "start_at",
                 match p {
-                    StartPoint::ClusterTime(t) => doc! { "cluster_time": *t },
+                    // Stored as two integers: not every server stores a Timestamp.
+                    StartPoint::ClusterTime(t) => {
+                        doc! { "t": i64::from(t.time), "i": i64::from(t.increment) }
+                    }
                     StartPoint::Token(t) => doc! { "token": t.clone() },
                 },
             );
