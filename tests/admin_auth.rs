@@ -626,3 +626,54 @@ async fn oplog_headroom_falls_as_history_moves_on() {
         "headroom stayed at {h0} s while the history moved on (window {window} s)"
     );
 }
+
+fn cli(d: &Daemon, token: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_eventsyncd"))
+        .arg("--config")
+        .arg(&d.config)
+        .arg("admin")
+        .arg("--url")
+        .arg(d.sync_url())
+        .arg("--token")
+        .arg(token)
+        .args(args)
+        .env_remove("EVENTSYNC_ADMIN_URL")
+        .env_remove("EVENTSYNC_ADMIN_TOKEN")
+        .output()
+        .expect("run eventsyncd admin");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_subcommand_calls_the_routes() {
+    let s = setup("cli", "", "").await;
+    let (ok, out, err) = cli(&s.daemon, ADMIN, &["status", &s.stream]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).expect("status JSON");
+    assert_eq!(v["stream"], s.stream.as_str());
+    let (ok, out, err) = cli(&s.daemon, ADMIN, &["resync", &s.stream]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).expect("control JSON");
+    assert_eq!(v["action"], "resync");
+    assert_eq!(v["state"], "pending");
+    let (ok, out, _) = cli(&s.daemon, ADMIN, &["dead-letters"]);
+    assert!(ok);
+    assert!(out.contains("dead_letters"), "{out}");
+    // A client token is refused, and the command says so.
+    let (ok, _, err) = cli(&s.daemon, CLIENT_A, &["pause", &s.stream]);
+    assert!(!ok);
+    assert!(err.contains("HTTP 403"), "{err}");
+    // Without --token the configuration's admin token is used.
+    let out = Command::new(env!("CARGO_BIN_EXE_eventsyncd"))
+        .arg("--config")
+        .arg(&s.daemon.config)
+        .args(["admin", "--url", &s.daemon.sync_url(), "controls"])
+        .env_remove("EVENTSYNC_ADMIN_TOKEN")
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -19,6 +19,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cli;
 pub mod clients;
 pub mod error;
 pub mod live;
