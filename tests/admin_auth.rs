@@ -88,7 +88,9 @@ impl Http {
     }
 
     async fn get(&self, path: &str, token: &str) -> (u16, Value) {
-        let (s, v, _) = self.call(reqwest::Method::GET, path, Some(token), None).await;
+        let (s, v, _) = self
+            .call(reqwest::Method::GET, path, Some(token), None)
+            .await;
         (s, v)
     }
 
@@ -130,7 +132,11 @@ async fn metric(d: &Daemon, name: &str, labels: &[(&str, &str)]) -> f64 {
     let text = resp.text().await.unwrap_or_default();
     text.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -176,8 +182,13 @@ async fn every_authorization_rule_holds() {
     // No token: 401; unknown static token: 403.
     assert_eq!(h.status(M::GET, "/v1/streams", None, None).await, 401);
     assert_eq!(
-        h.status(M::GET, "/v1/streams", Some("unknown-token-0123456789"), None)
-            .await,
+        h.status(
+            M::GET,
+            "/v1/streams",
+            Some("unknown-token-0123456789"),
+            None
+        )
+        .await,
         403
     );
 
@@ -199,7 +210,9 @@ async fn every_authorization_rule_holds() {
         (
             M::POST,
             "/v1/sync/missing",
-            Some(json!({ "client_id": "b", "vector": { "streams": [{ "stream": s.stream.clone(), "position": 0 }] } })),
+            Some(
+                json!({ "client_id": "b", "vector": { "streams": [{ "stream": s.stream.clone(), "position": 0 }] } }),
+            ),
         ),
     ] {
         assert_eq!(
@@ -247,7 +260,11 @@ async fn every_authorization_rule_holds() {
         .iter()
         .filter_map(|x| x["stream"].as_str())
         .collect();
-    assert_eq!(listed, vec![s.stream.as_str()], "only listed streams are shown");
+    assert_eq!(
+        listed,
+        vec![s.stream.as_str()],
+        "only listed streams are shown"
+    );
 
     // Signed tokens: valid → acts as `sub`; expired or badly signed → 401.
     let b = jwt(SECRET, "b", &[&s.stream], 600, false);
@@ -257,24 +274,64 @@ async fn every_authorization_rule_holds() {
         201
     );
     assert_eq!(h.status(M::GET, "/v1/clients/a", Some(&b), None).await, 403);
-    assert_eq!(h.status(M::GET, &events(&s.other), Some(&b), None).await, 403);
+    assert_eq!(
+        h.status(M::GET, &events(&s.other), Some(&b), None).await,
+        403
+    );
     let expired = jwt(SECRET, "b", &[&s.stream], -600, false);
-    assert_eq!(h.status(M::GET, "/v1/clients/b", Some(&expired), None).await, 401);
-    let forged = jwt("not-the-secret-0123456789abcdef0123456789", "b", &[&s.stream], 600, false);
-    assert_eq!(h.status(M::GET, "/v1/clients/b", Some(&forged), None).await, 401);
+    assert_eq!(
+        h.status(M::GET, "/v1/clients/b", Some(&expired), None)
+            .await,
+        401
+    );
+    let forged = jwt(
+        "not-the-secret-0123456789abcdef0123456789",
+        "b",
+        &[&s.stream],
+        600,
+        false,
+    );
+    assert_eq!(
+        h.status(M::GET, "/v1/clients/b", Some(&forged), None).await,
+        401
+    );
 
     // Admin routes: client tokens (static or JWT) → 403; admin, legacy and admin JWT → 200.
-    assert_eq!(h.status(M::GET, "/v1/admin/streams", Some(CLIENT_A), None).await, 403);
-    assert_eq!(h.status(M::GET, "/v1/admin/streams", Some(&b), None).await, 403);
     assert_eq!(
-        h.status(M::POST, &format!("/v1/admin/streams/{}/pause", s.stream), Some(&b), None)
+        h.status(M::GET, "/v1/admin/streams", Some(CLIENT_A), None)
             .await,
         403
     );
-    assert_eq!(h.status(M::GET, "/v1/admin/streams", Some(ADMIN), None).await, 200);
-    assert_eq!(h.status(M::GET, "/v1/admin/streams", Some(LEGACY), None).await, 200);
+    assert_eq!(
+        h.status(M::GET, "/v1/admin/streams", Some(&b), None).await,
+        403
+    );
+    assert_eq!(
+        h.status(
+            M::POST,
+            &format!("/v1/admin/streams/{}/pause", s.stream),
+            Some(&b),
+            None
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        h.status(M::GET, "/v1/admin/streams", Some(ADMIN), None)
+            .await,
+        200
+    );
+    assert_eq!(
+        h.status(M::GET, "/v1/admin/streams", Some(LEGACY), None)
+            .await,
+        200
+    );
     let admin_jwt = jwt(SECRET, "ops", &[], 600, true);
-    assert_eq!(h.status(M::GET, "/v1/admin/streams", Some(&admin_jwt), None).await, 200);
+    assert_eq!(
+        h.status(M::GET, "/v1/admin/streams", Some(&admin_jwt), None)
+            .await,
+        200
+    );
 
     // Client-caused 4xx are counted by status, never as daemon errors.
     let text = reqwest::get(format!("{}/metrics", s.daemon.ops_url()))
@@ -309,8 +366,13 @@ async fn admission_control_sheds_a_burst_and_recovers() {
         let h = s.http.clone();
         let body = body.clone();
         tasks.push(tokio::spawn(async move {
-            h.call(reqwest::Method::POST, "/v1/sync/missing", Some(LEGACY), Some(body))
-                .await
+            h.call(
+                reqwest::Method::POST,
+                "/v1/sync/missing",
+                Some(LEGACY),
+                Some(body),
+            )
+            .await
         }));
     }
     let (mut ok, mut busy) = (0, 0);
@@ -325,7 +387,10 @@ async fn admission_control_sheds_a_burst_and_recovers() {
                     .get("retry-after")
                     .and_then(|r| r.to_str().ok())
                     .and_then(|r| r.parse::<u64>().ok());
-                assert!(retry.is_some_and(|r| r >= 1), "503 without Retry-After: {headers:?}");
+                assert!(
+                    retry.is_some_and(|r| r >= 1),
+                    "503 without Retry-After: {headers:?}"
+                );
             }
             other => panic!("unexpected status {other}: {v}"),
         }
@@ -340,7 +405,10 @@ async fn admission_control_sheds_a_burst_and_recovers() {
         .expect("readyz");
     assert_eq!(ready.status().as_u16(), 200);
     assert!(metric_sum(&s.daemon, "eventsync_catchups_rejected_total").await >= busy as f64);
-    assert_eq!(metric_sum(&s.daemon, "eventsync_catchups_in_flight").await, 0.0);
+    assert_eq!(
+        metric_sum(&s.daemon, "eventsync_catchups_in_flight").await,
+        0.0
+    );
 }
 
 /// Posts a control and waits until the holder carried it out.
@@ -349,14 +417,18 @@ async fn control(s: &Setup, path: &str, body: Value) -> Value {
     assert_eq!(status, 202, "{path}: {v}");
     let id = v["id"].as_str().expect("control id").to_owned();
     let h = s.http.clone();
-    wait_for("the control to be carried out", Duration::from_secs(30), || {
-        let h = h.clone();
-        let id = id.clone();
-        async move {
-            let (_, c) = h.get(&format!("/v1/admin/controls/{id}"), ADMIN).await;
-            (c["state"] != "pending").then_some(c)
-        }
-    })
+    wait_for(
+        "the control to be carried out",
+        Duration::from_secs(30),
+        || {
+            let h = h.clone();
+            let id = id.clone();
+            async move {
+                let (_, c) = h.get(&format!("/v1/admin/controls/{id}"), ADMIN).await;
+                (c["state"] != "pending").then_some(c)
+            }
+        },
+    )
     .await
 }
 
@@ -377,11 +449,19 @@ async fn pause_resume_and_reread_keep_the_log_exact() {
     let before = log_len(&s).await;
 
     // Pause: writes keep coming, the log does not move.
-    let c = control(&s, &format!("/v1/admin/streams/{}/pause", s.stream), json!({})).await;
+    let c = control(
+        &s,
+        &format!("/v1/admin/streams/{}/pause", s.stream),
+        json!({}),
+    )
+    .await;
     assert_eq!(c["state"], "done", "{c}");
     for i in 0..20 {
         s.coll
-            .update_one(doc! { "_id": i }, doc! { "$set": { "n": i + 100, "version": 2_i64 } })
+            .update_one(
+                doc! { "_id": i },
+                doc! { "$set": { "n": i + 100, "version": 2_i64 } },
+            )
             .await
             .expect("update");
     }
@@ -401,27 +481,52 @@ async fn pause_resume_and_reread_keep_the_log_exact() {
     assert_eq!(metric(&s.daemon, "eventsync_stream_paused", &[]).await, 1.0);
 
     // Resume: every paused change arrives, no gap (replay checks density and chains).
-    let c = control(&s, &format!("/v1/admin/streams/{}/resume", s.stream), json!({})).await;
+    let c = control(
+        &s,
+        &format!("/v1/admin/streams/{}/resume", s.stream),
+        json!({}),
+    )
+    .await;
     assert_eq!(c["state"], "done", "{c}");
     let events = wait_converged(&s.client, &s.event_db, &s.coll, Duration::from_secs(60)).await;
     assert_eq!(events.len(), before + 20);
 
     // Re-read with nothing different: converges and emits nothing.
-    let c = control(&s, &format!("/v1/admin/streams/{}/resync", s.stream), json!({})).await;
+    let c = control(
+        &s,
+        &format!("/v1/admin/streams/{}/resync", s.stream),
+        json!({}),
+    )
+    .await;
     assert_eq!(c["state"], "done", "{c}");
     wait_streaming(&s.client, &s.event_db, &s.stream).await;
-    let resyncs = metric(&s.daemon, "eventsync_resyncs_total", &[("reason", "operator")]).await;
+    let resyncs = metric(
+        &s.daemon,
+        "eventsync_resyncs_total",
+        &[("reason", "operator")],
+    )
+    .await;
     assert_eq!(resyncs, 1.0);
     // A write after the re-read is the next event: the re-read added none of its own.
     s.coll
-        .update_one(doc! { "_id": 0 }, doc! { "$set": { "n": -1, "version": 3_i64 } })
+        .update_one(
+            doc! { "_id": 0 },
+            doc! { "$set": { "n": -1, "version": 3_i64 } },
+        )
         .await
         .expect("update");
     let events = wait_converged(&s.client, &s.event_db, &s.coll, Duration::from_secs(60)).await;
-    assert_eq!(events.len(), before + 21, "the re-read emitted events without differences");
+    assert_eq!(
+        events.len(),
+        before + 21,
+        "the re-read emitted events without differences"
+    );
 
     // Notices: clients see the operator actions on the stream.
-    let (_, st) = s.http.get(&format!("/v1/streams/{}", s.stream), LEGACY).await;
+    let (_, st) = s
+        .http
+        .get(&format!("/v1/streams/{}", s.stream), LEGACY)
+        .await;
     let actions: Vec<&str> = st["notices"]
         .as_array()
         .expect("notices")
@@ -430,10 +535,17 @@ async fn pause_resume_and_reread_keep_the_log_exact() {
         .collect();
     assert_eq!(actions, vec!["resync", "resume", "pause"], "{st}");
     // Status: holder, epoch, checkpoint position.
-    let (_, st) = s.http.get(&format!("/v1/admin/streams/{}", s.stream), ADMIN).await;
+    let (_, st) = s
+        .http
+        .get(&format!("/v1/admin/streams/{}", s.stream), ADMIN)
+        .await;
     assert_eq!(st["holder"], "test-daemon", "{st}");
     assert!(st["epoch"].as_i64().is_some_and(|e| e >= 1), "{st}");
-    assert_eq!(st["checkpoint"]["seq"].as_i64(), Some((before + 21) as i64), "{st}");
+    assert_eq!(
+        st["checkpoint"]["seq"].as_i64(),
+        Some((before + 21) as i64),
+        "{st}"
+    );
     assert_eq!(st["paused"], false, "{st}");
     let pause_done = [("action", "pause"), ("outcome", "done")];
     assert!(metric(&s.daemon, "eventsync_admin_actions_total", &pause_done).await >= 1.0);
@@ -443,7 +555,12 @@ async fn pause_resume_and_reread_keep_the_log_exact() {
 async fn start_at_a_time_begins_where_asked() {
     let s = setup("startat", "", "").await;
     wait_converged(&s.client, &s.event_db, &s.coll, Duration::from_secs(60)).await;
-    let c = control(&s, &format!("/v1/admin/streams/{}/pause", s.stream), json!({})).await;
+    let c = control(
+        &s,
+        &format!("/v1/admin/streams/{}/pause", s.stream),
+        json!({}),
+    )
+    .await;
     assert_eq!(c["state"], "done");
     // Before the point: skipped. Wait for the next second so the point separates them.
     s.coll
@@ -467,7 +584,12 @@ async fn start_at_a_time_begins_where_asked() {
     )
     .await;
     assert_eq!(c["state"], "done", "{c}");
-    let c = control(&s, &format!("/v1/admin/streams/{}/resume", s.stream), json!({})).await;
+    let c = control(
+        &s,
+        &format!("/v1/admin/streams/{}/resume", s.stream),
+        json!({}),
+    )
+    .await;
     assert_eq!(c["state"], "done");
     let (client, db, stream) = (s.client.clone(), s.event_db.clone(), s.stream.clone());
     let events = wait_for("the event after the point", Duration::from_secs(30), || {
@@ -506,7 +628,10 @@ async fn dead_letters_are_listed_inspected_and_redriven() {
     .await;
     let id = list[0]["id"].as_str().expect("id").to_owned();
     assert_eq!(list[0]["stream"], s.stream.as_str());
-    let (status, one) = s.http.get(&format!("/v1/admin/dead-letters/{id}"), ADMIN).await;
+    let (status, one) = s
+        .http
+        .get(&format!("/v1/admin/dead-letters/{id}"), ADMIN)
+        .await;
     assert_eq!(status, 200);
     assert_eq!(one["doc_id"], "big", "{one}");
     // The document is made small enough; a re-drive re-reads the stream and the
@@ -517,12 +642,19 @@ async fn dead_letters_are_listed_inspected_and_redriven() {
         .expect("shrink");
     let (status, c) = s
         .http
-        .post(&format!("/v1/admin/dead-letters/{id}/redrive"), ADMIN, json!({}))
+        .post(
+            &format!("/v1/admin/dead-letters/{id}/redrive"),
+            ADMIN,
+            json!({}),
+        )
         .await;
     assert_eq!(status, 202, "{c}");
     assert_eq!(c["action"], "resync");
     wait_converged(&s.client, &s.event_db, &s.coll, Duration::from_secs(60)).await;
-    let (_, one) = s.http.get(&format!("/v1/admin/dead-letters/{id}"), ADMIN).await;
+    let (_, one) = s
+        .http
+        .get(&format!("/v1/admin/dead-letters/{id}"), ADMIN)
+        .await;
     assert_eq!(one["redrive_control"], c["id"], "{one}");
     assert_eq!(s.http.get("/v1/admin/dead-letters/zz", ADMIN).await.0, 400);
 }
@@ -544,7 +676,10 @@ async fn oplog_headroom_falls_as_history_moves_on() {
     std::fs::create_dir_all(&dir).expect("dir");
     let _server = Server(
         Command::new("bash")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testenv/launch_server.sh"))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/testenv/launch_server.sh"
+            ))
             .arg(port.to_string())
             .arg(&dir)
             .stdin(Stdio::null())
@@ -557,7 +692,14 @@ async fn oplog_headroom_falls_as_history_moves_on() {
     let client = client_for(&uri).await;
     wait_for("the private server", Duration::from_secs(60), || {
         let client = client.clone();
-        async move { client.database("admin").run_command(doc! { "ping": 1 }).await.ok().map(|_| ()) }
+        async move {
+            client
+                .database("admin")
+                .run_command(doc! { "ping": 1 })
+                .await
+                .ok()
+                .map(|_| ())
+        }
     })
     .await;
     let coll = client.database("app").collection::<Document>("players");
@@ -574,7 +716,9 @@ async fn oplog_headroom_falls_as_history_moves_on() {
     wait_streaming(&client, "oplog_log", "app.players").await;
     // Some history, then pause: the resume point stays where it is.
     for i in 0..10 {
-        coll.insert_one(doc! { "_id": i, "version": 1_i64 }).await.expect("insert");
+        coll.insert_one(doc! { "_id": i, "version": 1_i64 })
+            .await
+            .expect("insert");
     }
     let s = Setup {
         daemon,
@@ -604,7 +748,10 @@ async fn oplog_headroom_falls_as_history_moves_on() {
         }
     };
     let d = &s.daemon;
-    let h0 = wait_for("the headroom metric", Duration::from_secs(60), || headroom(d)).await;
+    let h0 = wait_for("the headroom metric", Duration::from_secs(60), || {
+        headroom(d)
+    })
+    .await;
     assert!(metric(d, "eventsync_oplog_window_seconds", &[]).await >= 0.0);
     // Writes that the open streams read push the oldest retained change forward, while
     // the paused stream's resume point stays put.
@@ -677,5 +824,9 @@ async fn admin_subcommand_calls_the_routes() {
         .env_remove("EVENTSYNC_ADMIN_TOKEN")
         .output()
         .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -439,7 +439,11 @@ pub async fn dead_letters(
     if let Some(s) = &q.stream {
         known(&app, s)?;
     }
-    let after = q.after.as_deref().map(|a| parse_oid("after", a)).transpose()?;
+    let after = q
+        .after
+        .as_deref()
+        .map(|a| parse_oid("after", a))
+        .transpose()?;
     let limit = list_limit(q.limit)?;
     let list = app
         .store()

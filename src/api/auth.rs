@@ -319,12 +319,10 @@ impl Authenticator {
                 }
                 Keys::Set(set)
             }
-            _ => {
-                return Err(ConfigError::invalid(
-                    "auth.jwt",
-                    "RS256/ES256 need exactly one of `public_key_file` or `jwks_file`, and no `secret`",
-                ))
-            }
+            _ => return Err(ConfigError::invalid(
+                "auth.jwt",
+                "RS256/ES256 need exactly one of `public_key_file` or `jwks_file`, and no `secret`",
+            )),
         };
         let mut validation = Validation::new(alg);
         validation.leeway = c.leeway_secs;
@@ -474,21 +472,37 @@ mod tests {
     #[test]
     fn tokens_resolve_to_principals() {
         let a = auth();
-        assert_eq!(a.resolve(Some("legacy-token-0123456789")), Ok(Principal::full()));
-        assert_eq!(a.resolve(Some("admin-token-0123456789")), Ok(Principal::full()));
-        let c = a.resolve(Some("client-a-token-0123456789")).expect("client");
+        assert_eq!(
+            a.resolve(Some("legacy-token-0123456789")),
+            Ok(Principal::full())
+        );
+        assert_eq!(
+            a.resolve(Some("admin-token-0123456789")),
+            Ok(Principal::full())
+        );
+        let c = a
+            .resolve(Some("client-a-token-0123456789"))
+            .expect("client");
         assert_eq!(c.client.as_deref(), Some("a"));
         assert!(c.can_read("app.players") && !c.can_read("app.other"));
         assert!(c.check_client("b").is_err() && c.check_client("a").is_ok());
         assert!(c.require_admin().is_err());
-        assert_eq!(a.resolve(Some("nope-0123456789012345")), Err(Rejection::Unknown));
-        assert!(matches!(a.resolve(None), Err(Rejection::Unauthenticated(_))));
+        assert_eq!(
+            a.resolve(Some("nope-0123456789012345")),
+            Err(Rejection::Unknown)
+        );
+        assert!(matches!(
+            a.resolve(None),
+            Err(Rejection::Unauthenticated(_))
+        ));
     }
 
     #[test]
     fn jwts_are_verified() {
         let a = auth();
-        let ok = a.resolve(Some(&jwt(SECRET, 600, false))).expect("valid jwt");
+        let ok = a
+            .resolve(Some(&jwt(SECRET, 600, false)))
+            .expect("valid jwt");
         assert_eq!(ok.client.as_deref(), Some("b"));
         assert!(ok.can_read("app.players"));
         let admin = a.resolve(Some(&jwt(SECRET, 600, true))).expect("admin jwt");

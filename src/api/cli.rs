@@ -194,11 +194,7 @@ pub async fn send(
     if addr.is_empty() {
         return Err(CliError::Url(url.to_owned()));
     }
-    let body = req
-        .body
-        .as_ref()
-        .map(|b| b.to_string())
-        .unwrap_or_default();
+    let body = req.body.as_ref().map(|b| b.to_string()).unwrap_or_default();
     let mut head = format!(
         "{} {}{} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n",
         req.method, prefix, req.path
@@ -295,7 +291,10 @@ mod tests {
         let r = request_for(&AdminCommand::Resync {
             stream: "app.players".into(),
         });
-        assert_eq!((r.method, r.path.as_str()), ("POST", "/v1/admin/streams/app.players/resync"));
+        assert_eq!(
+            (r.method, r.path.as_str()),
+            ("POST", "/v1/admin/streams/app.players/resync")
+        );
         let r = request_for(&AdminCommand::Status { stream: None });
         assert_eq!((r.method, r.path.as_str()), ("GET", "/v1/admin/streams"));
         let r = request_for(&AdminCommand::Pause {
@@ -303,12 +302,26 @@ mod tests {
         });
         assert_eq!(r.path, "/v1/admin/streams/a%20b.c/pause");
         for cmd in [
-            AdminCommand::Status { stream: Some("x.y".into()) },
-            AdminCommand::Resume { stream: "x.y".into() },
-            AdminCommand::StartAt { stream: "x.y".into(), at_ms: Some(1), resume_token: None },
+            AdminCommand::Status {
+                stream: Some("x.y".into()),
+            },
+            AdminCommand::Resume {
+                stream: "x.y".into(),
+            },
+            AdminCommand::StartAt {
+                stream: "x.y".into(),
+                at_ms: Some(1),
+                resume_token: None,
+            },
             AdminCommand::Controls { stream: None },
-            AdminCommand::DeadLetters { stream: None, id: None },
-            AdminCommand::DeadLetters { stream: None, id: Some("ab".into()) },
+            AdminCommand::DeadLetters {
+                stream: None,
+                id: None,
+            },
+            AdminCommand::DeadLetters {
+                stream: None,
+                id: Some("ab".into()),
+            },
             AdminCommand::Redrive { id: "ab".into() },
         ] {
             let r = request_for(&cmd);
@@ -320,7 +333,8 @@ mod tests {
                 .replace("x.y", "{stream}")
                 .replace("/ab", "/{id}");
             assert!(
-                crate::api::ROUTES.contains(&(r.method.to_ascii_lowercase().as_str(), template.as_str())),
+                crate::api::ROUTES
+                    .contains(&(r.method.to_ascii_lowercase().as_str(), template.as_str())),
                 "{cmd:?} → {} {template} is not a route",
                 r.method
             );
@@ -330,9 +344,15 @@ mod tests {
     #[test]
     fn responses_parse() {
         let raw = b"HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\n\r\n{\"a\":1}";
-        assert_eq!(parse_response(raw).ok(), Some((202, "{\"a\":1}".to_owned())));
+        assert_eq!(
+            parse_response(raw).ok(),
+            Some((202, "{\"a\":1}".to_owned()))
+        );
         let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).ok(), Some((200, "{\"a\":1}".to_owned())));
+        assert_eq!(
+            parse_response(chunked).ok(),
+            Some((200, "{\"a\":1}".to_owned()))
+        );
         assert!(parse_response(b"garbage").is_err());
     }
 }

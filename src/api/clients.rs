@@ -6,9 +6,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+use super::auth::Caller;
 use super::error::{ApiError, ApiJson, ApiPath};
 use super::model::{check_client_id, ClientOut, VectorBody};
-use super::auth::Caller;
 use super::AppState;
 
 /// Body of a registration.

@@ -315,12 +315,17 @@ async fn authenticate(State(app): State<AppState>, mut req: Request, next: Next)
                 Some(p) if p.eq_ignore_ascii_case(b"bearer ") => {
                     match std::str::from_utf8(h[7..].trim_ascii()) {
                         Ok(t) => Some(t),
-                        Err(_) => return ApiError::Forbidden("bearer token not accepted".into()).into_response(),
+                        Err(_) => {
+                            return ApiError::Forbidden("bearer token not accepted".into())
+                                .into_response()
+                        }
                     }
                 }
                 _ => {
-                    return ApiError::Unauthorized("expected `Authorization: Bearer <token>`".into())
-                        .into_response()
+                    return ApiError::Unauthorized(
+                        "expected `Authorization: Bearer <token>`".into(),
+                    )
+                    .into_response()
                 }
             }
         }
@@ -392,7 +397,10 @@ pub fn router(app: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::Extension(error::BodyLimit(limit)))
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn_with_state(app.clone(), authenticate))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            authenticate,
+        ))
         .layer(axum::middleware::from_fn(track))
         .with_state(app);
     match cors {

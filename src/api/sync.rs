@@ -8,12 +8,12 @@ use axum::Json;
 use bson::{doc, Bson};
 use serde::{Deserialize, Serialize};
 
+use super::auth::Caller;
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use super::model::{
     parse_key, EventOut, Item, MissingRequest, MissingResponse, NoticeOut, SnapshotOut,
     SnapshotReason,
 };
-use super::auth::Caller;
 use super::AppState;
 use crate::mongo::clients::StateVector;
 use crate::mongo::Store;

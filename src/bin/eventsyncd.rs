@@ -36,7 +36,12 @@ enum Command {
     },
 }
 
-fn admin(config: &std::path::Path, url: Option<String>, token: Option<String>, cmd: &eventsync::api::cli::AdminCommand) -> ExitCode {
+fn admin(
+    config: &std::path::Path,
+    url: Option<String>,
+    token: Option<String>,
+    cmd: &eventsync::api::cli::AdminCommand,
+) -> ExitCode {
     let loaded = Config::load(config).ok();
     let url = url.or_else(|| {
         loaded.as_ref().map(|c| {
@@ -60,7 +65,10 @@ fn admin(config: &std::path::Path, url: Option<String>, token: Option<String>, c
                 .cloned()
         })
     });
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("eventsyncd admin: cannot start the runtime: {e}");

@@ -126,7 +126,8 @@ impl ControlRecord {
                     .map_err(|_| corrupt(d, "start_at without a point"))?;
                 match (get_int(at, "t"), at.get_document("token")) {
                     (Some(t), _) => ControlAction::StartAt(StartPoint::ClusterTime(Timestamp {
-                        time: u32::try_from(t).map_err(|_| corrupt(d, "start_at.t out of range"))?,
+                        time: u32::try_from(t)
+                            .map_err(|_| corrupt(d, "start_at.t out of range"))?,
                         increment: u32::try_from(get_int(at, "i").unwrap_or(0))
                             .map_err(|_| corrupt(d, "start_at.i out of range"))?,
                     })),
@@ -344,7 +345,11 @@ impl Store {
 
     /// The last report on `stream`.
     pub async fn load_status(&self, stream: &str) -> Result<StatusRecord, StoreError> {
-        let Some(d) = self.stream_status().find_one(doc! { "_id": stream }).await? else {
+        let Some(d) = self
+            .stream_status()
+            .find_one(doc! { "_id": stream })
+            .await?
+        else {
             return Ok(StatusRecord::default());
         };
         Ok(StatusRecord {

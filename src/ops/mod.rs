@@ -49,7 +49,12 @@ impl OpsConfig {
             86_400.0,
         )?;
         in_range("ops.ping_interval_ms", self.ping_interval_ms, 50, 60_000)?;
-        in_range("ops.oplog_interval_ms", self.oplog_interval_ms, 100, 600_000)?;
+        in_range(
+            "ops.oplog_interval_ms",
+            self.oplog_interval_ms,
+            100,
+            600_000,
+        )?;
         Ok(())
     }
 }

@@ -22,9 +22,8 @@ use super::metrics::{metrics, unix_now};
 use crate::mongo::Store;
 
 fn entry_time(d: &Document) -> Option<f64> {
-    match d.get("wall") {
-        Some(Bson::DateTime(t)) => return Some(t.timestamp_millis() as f64 / 1000.0),
-        _ => {}
+    if let Some(Bson::DateTime(t)) = d.get("wall") {
+        return Some(t.timestamp_millis() as f64 / 1000.0);
     }
     match d.get("ts") {
         Some(Bson::Timestamp(t)) => Some(f64::from(t.time)),
@@ -72,7 +71,10 @@ pub async fn sample(store: &Store, streams: &[String]) {
     let m = metrics();
     let bounds = oplog_bounds(&store.client).await;
     match bounds {
-        Some((oldest, newest)) => m.oplog_window.with_label_values::<&str>(&[]).set((newest - oldest).max(0.0)),
+        Some((oldest, newest)) => m
+            .oplog_window
+            .with_label_values::<&str>(&[])
+            .set((newest - oldest).max(0.0)),
         None => {
             let _ = m.oplog_window.remove_label_values::<&str>(&[]);
         }

@@ -75,10 +75,14 @@ pub async fn done(
 
 /// Records the error that ended a stream run (for `GET /v1/admin/streams/{stream}`);
 /// failures to record are logged and counted, never raised.
-pub async fn record_error(store: &Store, stream: &str, holder: &str, error: &(dyn std::fmt::Display + Sync)) {
+pub async fn record_error(
+    store: &Store,
+    stream: &str,
+    holder: &str,
+    error: &(dyn std::fmt::Display + Sync),
+) {
     let text = error.to_string();
-    if let Err(e) = store.save_stream_error(stream, holder, &text).await
-    {
+    if let Err(e) = store.save_stream_error(stream, holder, &text).await {
         metrics().error("control", e.kind());
         warn!(%stream, error = %e, "cannot record the stream's last error");
     }

@@ -236,8 +236,14 @@ impl StreamWorker {
 
         // HOOK (operator controls, src/pipeline/control.rs): polled once a second, not per
         // batch; while paused no changes are taken (the lease keeps being renewed).
-        let mut controls =
-            super::control::Controls::start(&self.store, &self.name, &self.holder, epoch, &self.source).await;
+        let mut controls = super::control::Controls::start(
+            &self.store,
+            &self.name,
+            &self.holder,
+            epoch,
+            &self.source,
+        )
+        .await;
         let mut control_tick = tokio::time::interval(super::control::POLL);
         control_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
