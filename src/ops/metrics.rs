@@ -62,8 +62,9 @@ pub struct Metrics {
     pub admin_actions: IntCounterVec,
     /// 1 while an operator paused the stream (this replica consumes it), else 0.
     pub stream_paused: IntGaugeVec,
-    /// Milliseconds between a change's cluster time and its reading by the daemon.
-    pub behind_source_ms: HistogramVec,
+    /// Time between a change's wall (or cluster) time and its reading by the daemon:
+    /// Debezium's MilliSecondsBehindSource, in base units (seconds).
+    pub behind_source: HistogramVec,
     /// Age of the stream's stored resume token: now minus the cluster time it points at,
     /// seconds (set while this replica consumes the stream).
     pub resume_token_age: GaugeVec,
@@ -162,7 +163,7 @@ impl Metrics {
                 r.register(Box::new(g.clone())).expect("unique metric");
                 g
             },
-            behind_source_ms: histogram(&r, "eventsync_behind_source_milliseconds", "Milliseconds between a change's cluster time and its reading by the daemon.", &["stream"], vec![1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0]),
+            behind_source: histogram(&r, "eventsync_behind_source_seconds", "Time between a change's wall (or cluster) time in MongoDB and its reading by the daemon (Debezium's MilliSecondsBehindSource, in seconds).", &["stream"], vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]),
             resume_token_age: gauge(&r, "eventsync_resume_token_age_seconds", "Now minus the cluster time of the stream's last stored resume point, seconds.", &["stream"]),
             oplog_window: gauge(&r, "eventsync_oplog_window_seconds", "Newest minus oldest entry of the server's oplog, seconds; absent when the server exposes no oplog.", &[]),
             oplog_headroom: gauge(&r, "eventsync_oplog_headroom_seconds", "Cluster time of the stream's resume point minus that of the oldest oplog entry, seconds: how far the checkpoint is from falling off the oplog. Absent when the oplog is not visible.", &["stream"]),
@@ -212,6 +213,14 @@ impl Metrics {
         self.lease_acquired.with_label_values(&[stream]);
         self.compacted.with_label_values(&[stream]);
         self.lease_held.with_label_values(&[stream]);
+        for action in ["resync", "pause", "resume", "start_at"] {
+            for outcome in ["requested", "done", "failed"] {
+                self.admin_actions
+                    .with_label_values(&[stream, action, outcome]);
+            }
+        }
+        self.catchups_rejected
+            .with_label_values(&["max_concurrent_catchups"]);
     }
 
     /// Values computed at scrape time: the checkpoint age of every stream this replica

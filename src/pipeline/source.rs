@@ -40,16 +40,16 @@ pub enum SourceError {
     Mongo(mongodb::error::Error),
 }
 
-/// Milliseconds behind source: now minus the change's wall time (or cluster time).
+/// Time behind source: now minus the change's wall time (or cluster time), seconds.
 fn observe_behind_source(stream: &str, c: &Change) {
     let at_ms = match (c.wall_time, c.cluster_time) {
         (Some(w), _) => w.timestamp_millis() as f64,
         (None, Some(t)) => f64::from(t.time) * 1000.0,
         (None, None) => return,
     };
-    let behind = (crate::ops::metrics::unix_now() * 1000.0 - at_ms).max(0.0);
+    let behind = (crate::ops::metrics::unix_now() * 1000.0 - at_ms).max(0.0) / 1000.0;
     metrics()
-        .behind_source_ms
+        .behind_source
         .with_label_values(&[stream])
         .observe(behind);
 }
