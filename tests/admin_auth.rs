@@ -830,3 +830,67 @@ async fn admin_subcommand_calls_the_routes() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_carry_a_request_id_and_no_driver_text() {
+    let port = free_port();
+    let mut server = Server(
+        Command::new("bash")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/testenv/launch_server.sh"
+            ))
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("launch_server.sh"),
+    );
+    let uri = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
+    let client = client_for(&uri).await;
+    wait_for("the private server", Duration::from_secs(60), || {
+        let client = client.clone();
+        async move {
+            client
+                .database("admin")
+                .run_command(doc! { "ping": 1 })
+                .await
+                .ok()
+                .map(|_| ())
+        }
+    })
+    .await;
+    let mut spec = DaemonSpec::new("rid_log", "app", "players");
+    spec.uri = uri;
+    spec.tokens = vec![LEGACY.into()];
+    let daemon = Daemon::start(&spec);
+    let http = Http::new(&daemon);
+    http.ready().await;
+    // MongoDB goes away: the API answers 503 with a request id, and only the log has the cause.
+    let _ = server.0.kill();
+    let _ = server.0.wait();
+    let (status, body, headers) = http
+        .call(reqwest::Method::GET, "/v1/streams", Some(LEGACY), None)
+        .await;
+    assert_eq!(status, 503, "{body}");
+    let id = body["request_id"].as_str().expect("request_id").to_owned();
+    assert_eq!(
+        headers.get("x-request-id").and_then(|h| h.to_str().ok()),
+        Some(id.as_str())
+    );
+    let text = body.to_string().to_lowercase();
+    for driver_words in ["mongodb", "server selection", "connection refused", "kind:"] {
+        assert!(
+            !text.contains(driver_words),
+            "driver text reached the caller: {body}"
+        );
+    }
+    let log = daemon.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains(&id))
+        .unwrap_or_else(|| panic!("request id {id} not in the log:\n{log}"));
+    assert!(line.contains("storage unavailable: "), "{line}");
+    assert!(metric(&daemon, "eventsync_errors_total", &[("component", "api")]).await >= 1.0);
+}
