@@ -608,14 +608,23 @@ async fn start_at_a_time_begins_where_asked() {
 
     // The operator's skip is the one difference between the log and MongoDB: a re-read
     // emits exactly that document, and nothing for the others.
-    let c = control(&s, &format!("/v1/admin/streams/{}/resync", s.stream), json!({})).await;
+    let c = control(
+        &s,
+        &format!("/v1/admin/streams/{}/resync", s.stream),
+        json!({}),
+    )
+    .await;
     assert_eq!(c["state"], "done", "{c}");
     let after = wait_converged(&s.client, &s.event_db, &s.coll, Duration::from_secs(60)).await;
     let new: Vec<&str> = after[events.len()..]
         .iter()
         .map(|e| e.doc_key.as_str())
         .collect();
-    assert_eq!(new, vec!["\"before\""], "the re-read emitted more than the difference");
+    assert_eq!(
+        new,
+        vec!["\"before\""],
+        "the re-read emitted more than the difference"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

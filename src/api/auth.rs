@@ -518,6 +518,151 @@ mod tests {
         ));
     }
 
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jwt");
+
+    fn keyed(algorithm: &str, key_file: Option<&str>, jwks: bool) -> Authenticator {
+        Authenticator::new(
+            &[],
+            &AuthConfig {
+                jwt: Some(JwtConfig {
+                    algorithm: algorithm.into(),
+                    secret: None,
+                    public_key_file: key_file.map(|f| format!("{FIXTURES}/{f}").into()),
+                    jwks_file: jwks.then(|| format!("{FIXTURES}/jwks.json").into()),
+                    issuer: Some("https://auth.example.com/".into()),
+                    audience: Some("eventsync".into()),
+                    leeway_secs: 0,
+                }),
+                ..AuthConfig::default()
+            },
+        )
+        .expect("valid")
+    }
+
+    fn signed(alg: Algorithm, private: &str, kid: Option<&str>, iss: &str) -> String {
+        let pem = std::fs::read(format!("{FIXTURES}/{private}")).expect("fixture key");
+        let key = match alg {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
+            _ => EncodingKey::from_ec_pem(&pem),
+        }
+        .expect("private key");
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_owned);
+        let now = jsonwebtoken::get_current_timestamp() as i64;
+        let claims = serde_json::json!({
+            "sub": "c", "streams": ["*"], "exp": now + 600, "iss": iss, "aud": "eventsync"
+        });
+        encode(&header, &claims, &key).expect("encodes")
+    }
+
+    #[test]
+    fn rs256_and_es256_with_key_files_and_jwks() {
+        let iss = "https://auth.example.com/";
+        let es = keyed("ES256", Some("es256-public.pem"), false);
+        let ok = es
+            .resolve(Some(&signed(
+                Algorithm::ES256,
+                "es256-private.pem",
+                None,
+                iss,
+            )))
+            .expect("ES256 with a PEM key");
+        assert_eq!(ok.client.as_deref(), Some("c"));
+        assert!(ok.can_read("any.stream"));
+        // Wrong issuer, or signed by another key: 401.
+        let wrong_iss = signed(Algorithm::ES256, "es256-private.pem", None, "https://evil/");
+        assert!(matches!(
+            es.resolve(Some(&wrong_iss)),
+            Err(Rejection::Unauthenticated(_))
+        ));
+        let rs = keyed("RS256", Some("rs256-public.pem"), false);
+        assert!(rs
+            .resolve(Some(&signed(
+                Algorithm::RS256,
+                "rs256-private.pem",
+                None,
+                iss
+            )))
+            .is_ok());
+        assert!(matches!(
+            rs.resolve(Some(&signed(
+                Algorithm::ES256,
+                "es256-private.pem",
+                None,
+                iss
+            ))),
+            Err(Rejection::Unauthenticated(_))
+        ));
+        // JWKS: the kid picks the key.
+        let set = keyed("RS256", None, true);
+        assert!(set
+            .resolve(Some(&signed(
+                Algorithm::RS256,
+                "rs256-private.pem",
+                Some("rsa-1"),
+                iss
+            )))
+            .is_ok());
+        assert!(matches!(
+            set.resolve(Some(&signed(
+                Algorithm::RS256,
+                "rs256-private.pem",
+                Some("nope"),
+                iss
+            ))),
+            Err(Rejection::Unauthenticated(_))
+        ));
+        let ec_set = keyed("ES256", None, true);
+        assert!(ec_set
+            .resolve(Some(&signed(
+                Algorithm::ES256,
+                "es256-private.pem",
+                Some("ec-1"),
+                iss
+            )))
+            .is_ok());
+    }
+
+    #[test]
+    fn bad_key_configuration_is_refused() {
+        let bad = |c: JwtConfig| {
+            Authenticator::new(
+                &[],
+                &AuthConfig {
+                    jwt: Some(c),
+                    ..AuthConfig::default()
+                },
+            )
+            .is_err()
+        };
+        let base = JwtConfig {
+            algorithm: "HS256".into(),
+            secret: Some("short".into()),
+            public_key_file: None,
+            jwks_file: None,
+            issuer: None,
+            audience: None,
+            leeway_secs: 0,
+        };
+        assert!(bad(base.clone()), "short HS256 secret");
+        assert!(bad(JwtConfig {
+            algorithm: "none".into(),
+            ..base.clone()
+        }));
+        assert!(bad(JwtConfig {
+            algorithm: "ES256".into(),
+            secret: None,
+            public_key_file: Some("/nonexistent.pem".into()),
+            ..base.clone()
+        }));
+        assert!(bad(JwtConfig {
+            algorithm: "RS256".into(),
+            secret: None,
+            public_key_file: Some(format!("{FIXTURES}/es256-public.pem").into()),
+            ..base
+        }));
+    }
+
     #[test]
     fn open_when_nothing_is_configured() {
         let a = Authenticator::new(&[], &AuthConfig::default()).expect("valid");
