@@ -96,7 +96,13 @@ pub struct Controls {
     epoch: i64,
     source: Collection<Document>,
     paused: bool,
+    /// The pause state and time of the last status report (reported every
+    /// [`STATUS_EVERY`] and at every change of the pause state).
+    reported: Option<(bool, std::time::Instant)>,
 }
+
+/// How often the holder reports a stream's status when nothing changes.
+pub const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 impl Controls {
     /// Loads the pause state (a pause survives a takeover). A storage failure is logged
@@ -130,6 +136,7 @@ impl Controls {
             epoch,
             source: source.clone(),
             paused,
+            reported: None,
         }
     }
 
@@ -153,23 +160,7 @@ impl Controls {
 
     async fn poll_inner(&mut self, checkpoint: &Checkpoint) -> Result<Reaction, StoreError> {
         let m = metrics();
-        let lag = m
-            .change_stream_lag
-            .get_metric_with_label_values(&[&self.stream])
-            .ok()
-            .map(|g| g.get());
-        self.store
-            .save_status(
-                &self.stream,
-                &StatusRecord {
-                    holder: Some(self.holder.clone()),
-                    epoch: Some(self.epoch),
-                    paused: self.paused,
-                    lag_seconds: lag,
-                    ..StatusRecord::default()
-                },
-            )
-            .await?;
+        self.report().await?;
         let Some(rec) = pending(&self.store, &self.stream).await? else {
             return Ok(Reaction::Continue);
         };
@@ -187,6 +178,7 @@ impl Controls {
                     .with_label_values(&[&self.stream])
                     .set(i64::from(pause));
                 done(&self.store, &rec, &self.holder, self.epoch, true, result).await?;
+                self.report().await?;
                 Ok(Reaction::Continue)
             }
             ControlAction::Resync => {
@@ -245,6 +237,36 @@ impl Controls {
                 Ok(Reaction::Reopen("operator start-at"))
             }
         }
+    }
+
+    /// Reports the status when the pause state changed or [`STATUS_EVERY`] passed.
+    async fn report(&mut self) -> Result<(), StoreError> {
+        let due = match self.reported {
+            None => true,
+            Some((paused, at)) => paused != self.paused || at.elapsed() >= STATUS_EVERY,
+        };
+        if !due {
+            return Ok(());
+        }
+        let lag = metrics()
+            .change_stream_lag
+            .get_metric_with_label_values(&[&self.stream])
+            .ok()
+            .map(|g| g.get());
+        self.store
+            .save_status(
+                &self.stream,
+                &StatusRecord {
+                    holder: Some(self.holder.clone()),
+                    epoch: Some(self.epoch),
+                    paused: self.paused,
+                    lag_seconds: lag,
+                    ..StatusRecord::default()
+                },
+            )
+            .await?;
+        self.reported = Some((self.paused, std::time::Instant::now()));
+        Ok(())
     }
 
     /// The resume token of a change stream opened at cluster time `ts` (its
