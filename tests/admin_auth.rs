@@ -773,6 +773,13 @@ async fn oplog_headroom_falls_as_history_moves_on() {
     })
     .await;
     assert!(metric(d, "eventsync_oplog_window_seconds", &[]).await >= 0.0);
+    let token_age = metric(
+        d,
+        "eventsync_resume_token_age_seconds",
+        &[("stream", "app.players")],
+    )
+    .await;
+    assert!(token_age >= 0.0, "resume token age {token_age}");
     // Writes that the open streams read push the oldest retained change forward, while
     // the paused stream's resume point stays put.
     let mut watcher = coll.watch().await.expect("watch");
