@@ -726,9 +726,8 @@ async fn oplog_headroom_falls_as_history_moves_on() {
     let mut spec = DaemonSpec::new("oplog_log", "app", "players");
     spec.uri = uri.clone();
     spec.tokens = vec![LEGACY.into()];
-    // nx retains history behind the slowest open stream: the paused daemon's reader keeps
-    // reading into its channel (default capacity 1024) past its frozen checkpoint, so the
-    // history before that cursor can be pruned while the resume point stays put.
+    // A paused stream holds no change stream open, so its resume point stays put while
+    // nx prunes the history behind the streams that do read.
     spec.extra = format!("[auth]\nadmin_tokens = [{ADMIN:?}]\n");
     let daemon = Daemon::start(&spec);
     let http = Http::new(&daemon);

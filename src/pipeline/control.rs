@@ -2,10 +2,11 @@
 //! polls [`Controls::poll`] about once a second (never per batch) and obeys the
 //! [`Reaction`]; pausing is a state the worker reads with [`Controls::paused`].
 //!
-//! * pause / resume — the worker stops taking changes from the reader (the bounded channel
-//!   fills and the change stream cursor waits; the lease keeps being renewed), and continues
-//!   where it stopped on resume: no change is skipped. The state survives a takeover (the
-//!   last carried-out pause/resume is read at start).
+//! * pause / resume — the worker ends its run and holds the stream in
+//!   [`hold_while_paused`]: no change stream is open (so the paused stream pins nothing on
+//!   the server), the lease keeps being renewed, the status reported and controls carried
+//!   out. On resume the run re-opens the stream from the checkpoint: no change is skipped.
+//!   The state survives a takeover (the last carried-out pause/resume is read at start).
 //! * re-read — the checkpoint is flagged `resync_pending` and the worker re-opens the
 //!   stream: the collection is compared with the shadows and only differences become
 //!   events (the same path as after history loss), then live reading continues from the
@@ -85,6 +86,76 @@ pub async fn record_error(
     if let Err(e) = store.save_stream_error(stream, holder, &text).await {
         metrics().error("control", e.kind());
         warn!(%stream, error = %e, "cannot record the stream's last error");
+    }
+}
+
+/// How [`hold_while_paused`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Not paused (any more): run the stream (re-reading the checkpoint).
+    Run,
+    /// Shutdown was requested.
+    Shutdown,
+    /// Another replica holds the lease now.
+    LeaseLost,
+}
+
+/// `run_owned` hook: while an operator paused the stream, hold it without a change stream
+/// — renew the lease, report the status, carry out controls (resume, re-read, start-at)
+/// once a second — and return when it may run.
+pub async fn hold_while_paused(
+    store: &Store,
+    stream: &str,
+    holder: &str,
+    epoch: i64,
+    source: &Collection<Document>,
+    lease: &crate::mongo::lease::LeaseConfig,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Hold {
+    let mut controls = Controls::start(store, stream, holder, epoch, source).await;
+    if !controls.paused() {
+        return Hold::Run;
+    }
+    let mut last_renewal = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return Hold::Shutdown;
+        }
+        if last_renewal.elapsed() >= lease.renew() {
+            match store.acquire_lease(stream, holder, lease.ttl()).await {
+                Ok(Some(held)) if held.epoch == epoch => last_renewal = std::time::Instant::now(),
+                Ok(_) => return Hold::LeaseLost,
+                Err(e) => {
+                    metrics().error("lease", e.kind());
+                    if last_renewal.elapsed() + lease.renew() >= lease.ttl() {
+                        return Hold::LeaseLost;
+                    }
+                }
+            }
+        }
+        let checkpoint = match store.load_checkpoint(stream).await {
+            Ok(cp) => cp.unwrap_or(Checkpoint {
+                token: None,
+                seq: 0,
+                resync_pending: false,
+                updated_at: DateTime::now(),
+            }),
+            Err(e) => {
+                metrics().error("control", e.kind());
+                continue;
+            }
+        };
+        let reaction = controls.poll(&checkpoint).await;
+        if !controls.paused() {
+            return Hold::Run;
+        }
+        if let Reaction::Reopen(why) = reaction {
+            info!(%stream, why, "checkpoint changed while paused; still paused");
+        }
     }
 }
 
@@ -173,12 +244,17 @@ impl Controls {
                     (false, true) => "paused",
                     (true, false) => "resumed",
                 };
+                let newly_paused = pause && !self.paused;
                 self.paused = pause;
                 m.stream_paused
                     .with_label_values(&[&self.stream])
                     .set(i64::from(pause));
                 done(&self.store, &rec, &self.holder, self.epoch, true, result).await?;
                 self.report().await?;
+                if newly_paused {
+                    // End the run: hold_while_paused keeps the stream without a cursor.
+                    return Ok(Reaction::Reopen("operator pause"));
+                }
                 Ok(Reaction::Continue)
             }
             ControlAction::Resync => {

@@ -156,6 +156,23 @@ impl StreamWorker {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), WorkerError> {
         let m = metrics();
+        // HOOK (operator controls): a paused stream is held here, without a change stream,
+        // until resumed (src/pipeline/control.rs).
+        match super::control::hold_while_paused(
+            &self.store,
+            &self.name,
+            &self.holder,
+            epoch,
+            &self.source,
+            &self.lease,
+            shutdown,
+        )
+        .await
+        {
+            super::control::Hold::Run => {}
+            super::control::Hold::Shutdown => return Ok(()),
+            super::control::Hold::LeaseLost => return Err(WorkerError::LeaseLost),
+        }
         let stored = self
             .store
             .load_checkpoint(&self.name)
