@@ -395,6 +395,7 @@ async fn admission_control_sheds_a_burst_and_recovers() {
             other => panic!("unexpected status {other}: {v}"),
         }
     }
+    println!("admission burst: {ok} served, {busy} shed with 503");
     assert!(ok >= 1 && busy >= 1, "ok {ok}, busy {busy}");
     // Healthy afterwards: a catch-up is served, the replica is ready, nothing is stuck.
     let (status, v) = s.http.post("/v1/sync/missing", LEGACY, body).await;
