@@ -252,7 +252,8 @@ impl StreamWorker {
         let _renew_guard = AbortOnDrop(renewer);
 
         // HOOK (operator controls, src/pipeline/control.rs): polled once a second, not per
-        // batch; while paused no changes are taken (the lease keeps being renewed).
+        // batch; a pause, re-read or start-at ends the run (Reopen), and the guard on the
+        // receive below takes nothing once paused.
         let mut controls = super::control::Controls::start(
             &self.store,
             &self.name,
@@ -275,7 +276,7 @@ impl StreamWorker {
                     }
                 }
                 _ = lost_rx.changed() => return Err(WorkerError::LeaseLost),
-                // HOOK (operator controls): re-read / start-at end the run and re-open.
+                // HOOK (operator controls): pause / re-read / start-at end the run and re-open.
                 _ = control_tick.tick() => {
                     if let super::control::Reaction::Reopen(why) = controls.poll(&appender.checkpoint).await {
                         return Err(WorkerError::Reopen(why.into()));
