@@ -36,6 +36,9 @@ pub struct Config {
     /// The sync query port.
     #[serde(default)]
     pub sync: SyncConfig,
+    /// Per-client and admin credentials of the API.
+    #[serde(default)]
+    pub auth: crate::api::auth::AuthConfig,
     /// Snapshots and compaction of the log.
     #[serde(default)]
     pub compaction: crate::compaction::CompactionConfig,
@@ -84,6 +87,7 @@ impl Config {
                     .separator("__")
                     .list_separator(",")
                     .with_list_parse_key("sync.tokens")
+                    .with_list_parse_key("auth.admin_tokens")
                     .try_parsing(true),
             )
             .build()?;
@@ -145,6 +149,15 @@ impl Config {
         self.pipeline.validate()?;
         self.lease.validate()?;
         self.sync.validate()?;
+        crate::api::auth::Authenticator::new(&self.sync.tokens, &self.auth)?;
+        for (i, c) in self.auth.clients.iter().enumerate() {
+            if let Some(s) = c.streams.iter().find(|s| *s != "*" && !names.contains(*s)) {
+                return Err(ConfigError::invalid(
+                    format!("auth.clients[{i}].streams"),
+                    format!("names {s:?}, which is not a configured stream"),
+                ));
+            }
+        }
         self.compaction.validate()?;
         self.ops.validate()?;
         self.log.validate()?;

@@ -136,6 +136,12 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
             source,
         })?;
     let compaction_task = crate::compaction::spawn(&config, store.clone(), shutdown.clone());
+    let oplog_task = crate::ops::oplog::spawn(
+        store.clone(),
+        config.streams.iter().map(|s| s.name()).collect(),
+        Duration::from_millis(config.ops.oplog_interval_ms),
+        shutdown.clone(),
+    );
 
     let holder = config.lease.holder();
     // Every stream counts for readiness from the start, not only once its worker runs.
@@ -177,6 +183,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
     }
     pinger.abort();
     compaction_task.abort();
+    oplog_task.abort();
     let _ = tokio::time::timeout(Duration::from_secs(2), api_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), ops_task).await;
     let _ = Arc::strong_count(&health);

@@ -19,7 +19,13 @@
 #   6. starts a Prometheus server on a free loopback port scraping the daemon every second,
 #      with those rules loaded, and asks its HTTP API for `eventsync_build_info`, the
 #      `eventsync_events_appended_total` of the stream (at least the number of writes),
-#      `up`, the rules' health, and every documented PromQL example (must evaluate).
+#      `up`, the rules' health, and every documented PromQL example (must evaluate);
+#   7. checks the Grafana dashboard deploy/grafana/eventsync-dashboard.json: valid JSON,
+#      every panel has a PromQL target, every eventsync_* metric its queries name is in
+#      the scrape (after a client refusal and an operator pause/resume, so those series
+#      exist; only metrics that appear with their first event may be missing), and every
+#      query evaluates in the Prometheus server with a non-empty answer unless it names
+#      such a metric.
 # Everything it starts is stopped on exit. Takes well under two minutes once installed.
 set -euo pipefail
 
@@ -182,6 +188,25 @@ counted() { [ "$(appended)" -ge "$WRITES" ]; }
 wait_until 60 "eventsync_events_appended_total to reach $WRITES" counted
 log "daemon counted $(appended) appended events"
 
+# A client refusal (404) and an operator pause/resume, so that their series exist
+# (the generated config has no credentials: the API, admin routes included, is open).
+SYNC="http://127.0.0.1:$SYNC_PORT"
+curl -sS -o /dev/null "$SYNC/v1/no-such-route" || die "the sync port does not answer"
+for action in pause resume; do
+    curl -fsS -o /dev/null -X POST "$SYNC/v1/admin/streams/$STREAM/$action" \
+        || die "POST /v1/admin/streams/$STREAM/$action failed"
+done
+admin_done() {
+    curl -fsS "$OPS/metrics" | awk -v s="stream=\"$STREAM\"" '
+        $1 ~ /^eventsync_admin_actions_total[{]/ && index($1, s) && index($1, "action=\"resume\"") \
+            && index($1, "outcome=\"done\"") { total += $2 }
+        END { exit !(total >= 1) }'
+}
+wait_until 30 "the operator resume to be carried out" admin_done
+# The oplog sampler (every 5 s) has reported once the headroom series exists.
+headroom_sampled() { curl -fsS "$OPS/metrics" >"$TMP/m.txt" && grep -q '^eventsync_oplog_headroom_seconds{' "$TMP/m.txt"; }
+wait_until 30 "eventsync_oplog_headroom_seconds" headroom_sampled
+
 # --- 4. promtool check metrics --------------------------------------------------------
 
 curl -fsS "$OPS/metrics" >"$TMP/metrics.txt"
@@ -285,4 +310,53 @@ while IFS= read -r q; do
     esac
 done <"$TMP/queries.txt"
 log "Prometheus evaluates all $n documented PromQL examples"
+
+# --- 7. the Grafana dashboard -----------------------------------------------------------
+
+DASHBOARD=deploy/grafana/eventsync-dashboard.json
+# Metrics that appear only with their first event (a healthy run has none).
+MAY_BE_ABSENT="eventsync_dead_letters_total eventsync_errors_total"
+"$VENV/bin/python" - "$DASHBOARD" "$TMP/metrics.txt" "$MAY_BE_ABSENT" >"$TMP/dashboard.txt" <<'PY' \
+    || die "$DASHBOARD is not a valid dashboard over the exported metrics"
+import json, re, sys
+path, scrape, optional = sys.argv[1], sys.argv[2], set(sys.argv[3].split())
+try:
+    dash = json.load(open(path))
+except ValueError as e:
+    sys.exit(f"{path}: invalid JSON: {e}")
+exported = set(re.findall(r"^# TYPE (\S+) ", open(scrape).read(), re.M))
+panels = dash.get("panels") or []
+if not dash.get("title") or not dash.get("uid") or not panels:
+    sys.exit(f"{path}: needs a title, a uid and panels")
+problems = []
+for p in panels:
+    exprs = [t.get("expr", "") for t in p.get("targets", []) if t.get("expr")]
+    if not exprs:
+        problems.append(f"panel {p.get('title')!r} has no PromQL target")
+    for e in exprs:
+        names = {re.sub(r"_(bucket|sum|count)$", "", n) for n in re.findall(r"\beventsync_[a-z_]+", e)}
+        if not names:
+            problems.append(f"panel {p.get('title')!r}: query names no eventsync_ metric: {e}")
+        missing = names - exported - optional
+        if missing:
+            problems.append(f"panel {p.get('title')!r}: {sorted(missing)} not exported by the daemon: {e}")
+        # "may" marks queries allowed to answer nothing (their metric appears later).
+        print(("may" if names & optional else "must") + "\t" + e)
+if problems:
+    sys.exit("\n".join(problems))
+PY
+non_empty() { [ -n "$(value "$1")" ]; }
+n=0
+while IFS=$'\t' read -r need q; do
+    out="$(query "$q" 2>&1)" || die "dashboard query fails: $q: $out"
+    case "$out" in
+        *'"status":"success"'*) ;;
+        *) die "dashboard query fails: $q: $out" ;;
+    esac
+    if [ "$need" = must ]; then
+        wait_until 30 "an answer to the dashboard query $q" non_empty "$q"
+    fi
+    n=$((n + 1))
+done <"$TMP/dashboard.txt"
+log "Prometheus answers all $n queries of $DASHBOARD"
 log "ok ($SECONDS s)"

@@ -699,6 +699,34 @@ def main(uri: str) -> int:
     check(hello.get("isWritablePrimary") is True, "hello: writable primary")
     ok("g. hello unchanged (connect with directConnection=true)")
 
+    # ---- i. local.oplog.rs: oldest and newest retained change ------------------
+    sa = db[f"startat_{suffix}"]
+    with sa.watch() as s:
+        sa.insert_one({"_id": "early"})
+        s.try_next()
+        first = client.local["oplog.rs"].find_one({}, sort=[("$natural", 1)])
+        last = client.local["oplog.rs"].find_one({}, sort=[("$natural", -1)])
+        check(first is not None and last is not None, "local.oplog.rs answers a first and a last entry")
+        check(type(first["ts"]) is Timestamp and isinstance(first["wall"], datetime.datetime),
+              f"oplog entries carry ts (Timestamp) and wall (datetime): {first}")
+        check((first["ts"].time, first["ts"].inc) <= (last["ts"].time, last["ts"].inc),
+              f"oldest entry not after the newest: {first} {last}")
+        check(isinstance(last["ns"], str) and "." in last["ns"], f"entries name their namespace: {last}")
+        ok("i. local.oplog.rs sorted by $natural answers the oldest / newest retained change")
+
+        # ---- j. startAtOperationTime ---------------------------------------------
+        start = time.time()
+        while int(time.time()) == int(start):
+            time.sleep(0.05)
+        at = Timestamp(int(time.time()), 0)
+        sa.insert_one({"_id": "late-1"})
+        sa.insert_one({"_id": "late-2"})
+        s.try_next()
+    with sa.watch(start_at_operation_time=at) as s2:
+        got = [s2.next()["documentKey"]["_id"] for _ in range(2)]
+    check(got == ["late-1", "late-2"], f"startAtOperationTime starts at the time asked: {got}")
+    ok("j. startAtOperationTime starts at the first change at or after that cluster time")
+
     client.drop_database(dbname)
     print("ALL CHECKS PASSED")
     return 0

@@ -65,6 +65,19 @@ h. ``cursor.postBatchResumeToken`` of change-stream replies is the stream's
    - A getMore batch of change events stays within 16 MB (at least 1 event).
    - The server's thread pool is enlarged (256) so waiting getMores do not
      starve other commands.
+i. The oplog window is visible the way MongoDB shows it: ``find`` on
+   ``local.oplog.rs`` sorted by ``{$natural: 1}`` (or ``-1``) answers the
+   oldest (newest) change the server still retains, over every tracked
+   collection's change log, as ``{ts: Timestamp(seconds, row id), wall:
+   datetime, op, ns}`` (nx has no ``local`` database and answered nothing).
+   Retention follows nx's pruning (see f.), so writes read by an open stream
+   push the oldest entry forward as MongoDB's capped oplog does.
+j. ``$changeStream.startAtOperationTime: Timestamp(t, i)`` starts at the first
+   change of the collection at or after that cluster time (with ``i > 0``: at
+   change-log row ``i``, the increment the launcher's cluster times carry;
+   else at the first change of second ``t`` or later), as a ``resumeAfter`` of
+   the change before it (so a point whose history is gone fails with 286).
+   nx ignored it and started "now".
 
 i. Collection lifecycle events (nx emitted none).  ``drop``,
    ``renameCollection`` and ``dropDatabase`` are performed by the launcher,
@@ -111,7 +124,7 @@ Differences not corrected (know them; don't depend on them)
   streams get only lifecycle events, cluster-level ones nothing).
 - Change tracking for a collection starts when the first stream on it is
   opened (writes before that are in no history).
-- ``startAtOperationTime`` is ignored (starts now); ``$changeStream``
+- ``$changeStream``
   pipelines apply only ``$match`` (equality, $eq/$ne/$in/$nin/$exists);
   ``fullDocumentBeforeChange`` and ``showExpandedEvents`` are ignored.
 - Transactions are not isolated in the stream (writes appear before commit
@@ -919,6 +932,90 @@ _orig_handle_insert = nx_handler.NeoSQLiteHandler.handle_insert
 _orig_handle_query = nx_handler.NeoSQLiteHandler.handle_query
 
 
+def _rewrite_start_at(self, cmd: dict[str, Any], db_name: str) -> None:
+    """j. startAtOperationTime -> resumeAfter of the change before that time."""
+    pipeline = cmd.get("pipeline")
+    if not isinstance(pipeline, list):
+        return
+    for stage in pipeline:
+        opts = stage.get("$changeStream") if isinstance(stage, dict) else None
+        if not isinstance(opts, dict):
+            continue
+        at = opts.get("startAtOperationTime")
+        if not isinstance(at, Timestamp):
+            return
+        conn = self.get_database(db_name).db
+        coll = str(cmd.get("aggregate"))
+        if at.inc > 0:
+            first = _scalar(
+                conn,
+                "SELECT MIN(id) FROM _neosqlite_changestream WHERE collection_name = ? AND id >= ?",
+                (coll, int(at.inc)),
+            )
+        else:
+            when = datetime.fromtimestamp(at.time, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            first = _scalar(
+                conn,
+                "SELECT MIN(id) FROM _neosqlite_changestream WHERE collection_name = ? AND timestamp >= ?",
+                (coll, when),
+            )
+        if first is None:
+            first = int(_scalar(
+                conn,
+                "SELECT seq FROM sqlite_sequence WHERE name = '_neosqlite_changestream'",
+            ) or 0) + 1
+        del opts["startAtOperationTime"]
+        opts["resumeAfter"] = nx_cs._wire_token(int(first) - 1)
+        return
+
+
+def _oplog_entries(self) -> list[tuple[datetime, int, str, str, str]]:
+    """Oldest and newest retained change-log rows of every tracked collection."""
+    manager = self._change_stream_manager
+    with manager._lock:
+        trackers = list(manager._trackers.items())
+    seen: set[int] = set()
+    out = []
+    for (db_name, _coll), tracker in trackers:
+        conn = tracker["collection"].db
+        if id(conn) in seen:
+            continue
+        seen.add(id(conn))
+        with self._lock_for(db_name):
+            for order in ("ASC", "DESC"):
+                try:
+                    row = conn.execute(
+                        "SELECT id, timestamp, operation, collection_name "
+                        f"FROM _neosqlite_changestream ORDER BY id {order} LIMIT 1"
+                    ).fetchone()
+                except Exception:
+                    row = None
+                if row:
+                    out.append((_row_time(row[1]), int(row[0]), str(row[2]), db_name, str(row[3])))
+    return out
+
+
+def _oplog_reply(self, cmd: dict[str, Any]) -> dict[str, Any]:
+    entries = _oplog_entries(self)
+    sort = cmd.get("sort") or {}
+    newest = isinstance(sort, dict) and sort.get("$natural", 1) < 0
+    batch = []
+    if entries:
+        when, rowid, op, db_name, coll = (max if newest else min)(entries, key=lambda e: (e[0], e[1]))
+        batch.append(
+            {
+                "ts": Timestamp(int(when.timestamp()), rowid % (2**32)),
+                "wall": when,
+                "op": {"insert": "i", "update": "u", "delete": "d"}.get(op, "n"),
+                "ns": f"{db_name}.{coll}",
+            }
+        )
+    return {
+        "cursor": {"id": Int64(0), "ns": "local.oplog.rs", "firstBatch": to_bson_types(batch)},
+        "ok": 1,
+    }
+
+
 def _handle_command(self, msg):
     cmd = _body(msg)
     if cmd is None:
@@ -926,7 +1023,19 @@ def _handle_command(self, msg):
     request_id = msg.get("request_id", 0)
     db_name = cmd.get("$db", "test")
 
+    if db_name == "local" and cmd.get("find") == "oplog.rs":
+        try:
+            return request_id, _oplog_reply(self, cmd)
+        except Exception as exc:  # pragma: no cover - never break the server
+            logger.warning("oplog emulation failed: %s", exc)
+            return request_id, {"cursor": {"id": Int64(0), "ns": "local.oplog.rs", "firstBatch": []}, "ok": 1}
+
     if "aggregate" in cmd:
+        try:
+            with self._lock_for(nx_handler._msg_db_name(msg)):
+                _rewrite_start_at(self, cmd, db_name)
+        except Exception as exc:
+            logger.warning("startAtOperationTime emulation failed: %s", exc)
         option, token = _change_stream_token(cmd)
         if option is not None:
             with self._lock_for(nx_handler._msg_db_name(msg)):

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+use super::auth::Caller;
 use super::error::{ApiError, ApiJson, ApiPath};
 use super::model::{check_client_id, ClientOut, VectorBody};
 use super::AppState;
@@ -30,8 +31,15 @@ pub struct ClientsResponse {
 }
 
 /// `GET /v1/clients`.
-pub async fn list(State(app): State<AppState>) -> Result<Json<ClientsResponse>, ApiError> {
-    let clients = app.store().list_clients().await?;
+pub async fn list(
+    State(app): State<AppState>,
+    Caller(who): Caller,
+) -> Result<Json<ClientsResponse>, ApiError> {
+    // A client token sees only its own record.
+    let clients = match &who.client {
+        Some(id) => app.store().get_client(id).await?.into_iter().collect(),
+        None => app.store().list_clients().await?,
+    };
     Ok(Json(ClientsResponse {
         clients: clients.iter().map(ClientOut::from).collect(),
     }))
@@ -40,9 +48,11 @@ pub async fn list(State(app): State<AppState>) -> Result<Json<ClientsResponse>, 
 /// `GET /v1/clients/{client_id}`.
 pub async fn get(
     State(app): State<AppState>,
+    Caller(who): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ClientOut>, ApiError> {
     check_client_id(&id)?;
+    who.check_client(&id)?;
     match app.store().get_client(&id).await? {
         Some(c) => Ok(Json(ClientOut::from(&c))),
         None => Err(ApiError::NotFound(format!(
@@ -54,10 +64,12 @@ pub async fn get(
 /// `PUT /v1/clients/{client_id}`: 201 when created, 200 when it existed.
 pub async fn register(
     State(app): State<AppState>,
+    Caller(who): Caller,
     ApiPath(id): ApiPath<String>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     check_client_id(&id)?;
+    who.check_client(&id)?;
     let body = match body {
         Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             return Err(ApiError::TooLarge(app.config().max_request_bytes))
@@ -75,6 +87,11 @@ pub async fn register(
         .as_ref()
         .map(|v| v.to_vector(app.streams(), app.config().max_vector_entries))
         .transpose()?;
+    if let Some(v) = &vector {
+        for s in v.streams.keys() {
+            who.check_stream(s)?;
+        }
+    }
     let (rec, created) = app
         .store()
         .register_client(&id, body.description, vector.as_ref())
@@ -90,9 +107,11 @@ pub async fn register(
 /// `DELETE /v1/clients/{client_id}`.
 pub async fn unregister(
     State(app): State<AppState>,
+    Caller(who): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     check_client_id(&id)?;
+    who.check_client(&id)?;
     if app.store().delete_client(&id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -106,11 +125,16 @@ pub async fn unregister(
 /// vector never moves an entry back) and returns the stored one.
 pub async fn ack(
     State(app): State<AppState>,
+    Caller(who): Caller,
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<VectorBody>,
 ) -> Result<Json<ClientOut>, ApiError> {
     check_client_id(&id)?;
+    who.check_client(&id)?;
     let vector = body.to_vector(app.streams(), app.config().max_vector_entries)?;
+    for s in vector.streams.keys() {
+        who.check_stream(s)?;
+    }
     let stored = app.store().get_client(&id).await?.ok_or_else(|| {
         ApiError::NotFound(format!(
             "client {id:?} is not registered (PUT /v1/clients/{{client_id}} first)"

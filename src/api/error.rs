@@ -15,12 +15,16 @@ use crate::mongo::StoreError;
 /// Everything the API can answer instead of a result.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// No bearer token.
-    #[error("missing bearer token")]
-    Unauthorized,
-    /// A token that is not configured.
-    #[error("bearer token not accepted")]
-    Forbidden,
+    /// No bearer token, or a signed token that fails validation (expired, bad signature).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A token that is not configured, or one that may not do this (another client's id,
+    /// an unlisted stream, an admin route with a client token).
+    #[error("{0}")]
+    Forbidden(String),
+    /// Admission control: too many concurrent catch-ups on this replica; retry later.
+    #[error("{0}")]
+    Busy(String),
     /// Malformed or out-of-range input.
     #[error("{0}")]
     BadRequest(String),
@@ -60,8 +64,9 @@ impl ApiError {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadRequest(_) | ApiError::Limit(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -78,8 +83,9 @@ impl ApiError {
     /// The short machine-readable code.
     pub fn code(&self) -> &'static str {
         match self {
-            ApiError::Unauthorized => "unauthorized",
-            ApiError::Forbidden => "forbidden",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::Busy(_) => "busy",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Limit(_) => "limit_exceeded",
             ApiError::TooLarge(_) => "payload_too_large",
@@ -120,25 +126,60 @@ impl From<StateError> for ApiError {
     }
 }
 
+/// A random id tying a 5xx answer to the log line that carries its cause.
+pub fn request_id() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::thread_rng().gen::<u64>())
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        crate::ops::metrics().error("api", self.code());
-        if status.is_server_error() && !matches!(self, ApiError::TooManySubscribers(_)) {
-            tracing::warn!(error = %self, "sync API error");
-        }
-        let body = serde_json::json!({ "error": self.code(), "detail": self.to_string() });
+        let m = crate::ops::metrics();
+        let overload = matches!(self, ApiError::TooManySubscribers(_) | ApiError::Busy(_));
+        let body = if status.is_server_error() && !overload {
+            // A daemon-side failure: counted as an error, its cause (driver text included)
+            // logged under a request id, and only that id shown to the caller.
+            m.error("api", self.code());
+            let id = request_id();
+            tracing::warn!(request_id = %id, error = %self, "sync API error");
+            serde_json::json!({
+                "error": self.code(),
+                "detail": match self {
+                    ApiError::Unavailable(_) => "storage unavailable; retry later",
+                    _ => "internal error; the daemon log has the cause under this request id",
+                },
+                "request_id": id,
+            })
+        } else {
+            // Caused by the caller (or overload): counted by status, not as a daemon error.
+            m.http_client_errors
+                .with_label_values(&[status.as_str(), self.code()])
+                .inc();
+            serde_json::json!({ "error": self.code(), "detail": self.to_string() })
+        };
+        let request_id = body
+            .get("request_id")
+            .and_then(|v| v.as_str())
+            .and_then(|v| HeaderValue::from_str(v).ok());
         let mut resp = (status, axum::Json(body)).into_response();
-        if matches!(
-            self,
-            ApiError::TooManySubscribers(_) | ApiError::Unavailable(_)
-        ) {
-            resp.headers_mut()
-                .insert("retry-after", HeaderValue::from_static("5"));
+        if let Some(id) = request_id {
+            resp.headers_mut().insert("x-request-id", id);
         }
-        if matches!(self, ApiError::Unauthorized) {
-            resp.headers_mut()
-                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        match self {
+            ApiError::TooManySubscribers(_) | ApiError::Unavailable(_) => {
+                resp.headers_mut()
+                    .insert("retry-after", HeaderValue::from_static("5"));
+            }
+            ApiError::Busy(_) => {
+                resp.headers_mut()
+                    .insert("retry-after", HeaderValue::from_static("1"));
+            }
+            ApiError::Unauthorized(_) => {
+                resp.headers_mut()
+                    .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
         }
         resp
     }

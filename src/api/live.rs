@@ -90,6 +90,7 @@ fn parse_position(what: &str, v: &str) -> Result<i64, ApiError> {
 /// `GET /v1/streams/{stream}/live?after=<seq>&doc=<key>&doc=<key>…`
 pub async fn live(
     State(app): State<AppState>,
+    super::auth::Caller(who): super::auth::Caller,
     ApiPath(stream): ApiPath<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -100,6 +101,7 @@ pub async fn live(
             app.streams().join(", ")
         )));
     }
+    who.check_stream(&stream)?;
     let mut after = 0i64;
     let mut keys: Vec<String> = Vec::new();
     for pair in query

@@ -9,10 +9,17 @@
 //! * [`model`] — the JSON shapes (documents and patches in the type-preserving
 //!   representation of [`crate::diff::repr`]).
 //!
-//! Auth: `Authorization: Bearer <token>` with one of `sync.tokens` (401 without a token,
-//! 403 with a wrong one; an empty list leaves the API open). CORS only for
-//! `sync.cors_origins` (closed by default).
+//! Auth ([`auth`]): `Authorization: Bearer <token>`; `sync.tokens` and `auth.admin_tokens`
+//! give full access, `[[auth.clients]]` and signed JWTs act as one client id over listed
+//! streams (401 without a token or with an invalid JWT, 403 with an unknown token or for
+//! something the token may not do; no credentials configured leaves the API open). CORS
+//! only for `sync.cors_origins` (closed by default). Admission control: at most
+//! `sync.max_concurrent_catchups` catch-ups at once, beyond that `503` + `Retry-After`.
+//! [`admin`] is the operator surface under `/v1/admin`.
 
+pub mod admin;
+pub mod auth;
+pub mod cli;
 pub mod clients;
 pub mod error;
 pub mod live;
@@ -64,6 +71,9 @@ pub struct SyncConfig {
     pub live_send_timeout_ms: u64,
     /// Interval of SSE keep-alive comments on idle subscriptions, milliseconds.
     pub keep_alive_ms: u64,
+    /// Most catch-ups (`POST /v1/sync/missing`) served at once by this replica; beyond,
+    /// `503` with `Retry-After`.
+    pub max_concurrent_catchups: usize,
 }
 
 impl Default for SyncConfig {
@@ -80,6 +90,7 @@ impl Default for SyncConfig {
             live_buffer: 64,
             live_send_timeout_ms: 10_000,
             keep_alive_ms: 15_000,
+            max_concurrent_catchups: 64,
         }
     }
 }
@@ -109,6 +120,12 @@ impl SyncConfig {
             600_000,
         )?;
         in_range("sync.keep_alive_ms", self.keep_alive_ms, 100, 600_000)?;
+        in_range(
+            "sync.max_concurrent_catchups",
+            self.max_concurrent_catchups,
+            1,
+            100_000,
+        )?;
         if let Some(i) = self
             .cors_origins
             .iter()
@@ -132,6 +149,15 @@ impl SyncConfig {
 /// The OpenAPI document of this API (the repository's `docs/openapi.json`).
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
+/// A running catch-up; frees its slot when dropped.
+pub struct CatchupSlot(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
+impl Drop for CatchupSlot {
+    fn drop(&mut self) {
+        metrics().catchups_in_flight.dec();
+    }
+}
+
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
@@ -145,6 +171,8 @@ struct Inner {
     streams: Vec<String>,
     subscribers: AtomicUsize,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    auth: auth::Authenticator,
+    catchups: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -156,6 +184,21 @@ impl AppState {
         publisher: Publisher,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
+        let open = auth::Authenticator::new(&config.tokens, &auth::AuthConfig::default())
+            .unwrap_or_else(|_| auth::Authenticator::empty());
+        Self::with_auth(config, streams, store, publisher, shutdown, open)
+    }
+
+    /// State for the handlers, with the credentials of `[auth]`.
+    pub fn with_auth(
+        config: SyncConfig,
+        streams: Vec<String>,
+        store: Store,
+        publisher: Publisher,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+        auth: auth::Authenticator,
+    ) -> Self {
+        let catchups = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_catchups));
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -164,7 +207,29 @@ impl AppState {
                 streams,
                 subscribers: AtomicUsize::new(0),
                 shutdown,
+                auth,
+                catchups,
             }),
+        }
+    }
+
+    /// A catch-up slot, or `503 busy` when `sync.max_concurrent_catchups` are running.
+    pub fn catchup_slot(&self) -> Result<CatchupSlot, ApiError> {
+        match self.inner.catchups.clone().try_acquire_owned() {
+            Ok(p) => {
+                metrics().catchups_in_flight.inc();
+                Ok(CatchupSlot(p))
+            }
+            Err(_) => {
+                metrics()
+                    .catchups_rejected
+                    .with_label_values(&["max_concurrent_catchups"])
+                    .inc();
+                Err(ApiError::Busy(format!(
+                    "{} catch-ups are running (sync.max_concurrent_catchups); retry after the Retry-After delay",
+                    self.inner.config.max_concurrent_catchups
+                )))
+            }
         }
     }
     /// The store.
@@ -206,6 +271,17 @@ routes! {
     put "/v1/clients/{client_id}" => clients::register,
     delete "/v1/clients/{client_id}" => clients::unregister,
     post "/v1/clients/{client_id}/ack" => clients::ack,
+    get "/v1/admin/streams" => admin::streams,
+    get "/v1/admin/streams/{stream}" => admin::stream,
+    post "/v1/admin/streams/{stream}/resync" => admin::resync,
+    post "/v1/admin/streams/{stream}/pause" => admin::pause,
+    post "/v1/admin/streams/{stream}/resume" => admin::resume,
+    post "/v1/admin/streams/{stream}/start-at" => admin::start_at,
+    get "/v1/admin/controls" => admin::controls,
+    get "/v1/admin/controls/{id}" => admin::control,
+    get "/v1/admin/dead-letters" => admin::dead_letters,
+    get "/v1/admin/dead-letters/{id}" => admin::dead_letter,
+    post "/v1/admin/dead-letters/{id}/redrive" => admin::redrive,
 }
 
 async fn openapi() -> Response {
@@ -227,34 +303,42 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-/// Compares without an early exit on the first differing byte.
-fn same_token(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-async fn auth(State(app): State<AppState>, req: Request, next: Next) -> Response {
-    let tokens = &app.config().tokens;
-    if tokens.is_empty() || req.uri().path() == "/v1/openapi.json" {
+async fn authenticate(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
+    if req.uri().path() == "/v1/openapi.json" {
         return next.run(req).await;
     }
-    let header = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|h| h.as_bytes());
-    let token = match header {
-        None => return ApiError::Unauthorized.into_response(),
-        Some(h) => match h.get(..7) {
-            Some(p) if p.eq_ignore_ascii_case(b"bearer ") => h[7..].trim_ascii(),
-            _ => return ApiError::Unauthorized.into_response(),
-        },
+    let token = match req.headers().get(header::AUTHORIZATION) {
+        None => None,
+        Some(h) => {
+            let h = h.as_bytes();
+            match h.get(..7) {
+                Some(p) if p.eq_ignore_ascii_case(b"bearer ") => {
+                    match std::str::from_utf8(h[7..].trim_ascii()) {
+                        Ok(t) => Some(t),
+                        Err(_) => {
+                            return ApiError::Forbidden("bearer token not accepted".into())
+                                .into_response()
+                        }
+                    }
+                }
+                _ => {
+                    return ApiError::Unauthorized(
+                        "expected `Authorization: Bearer <token>`".into(),
+                    )
+                    .into_response()
+                }
+            }
+        }
     };
-    if tokens.iter().any(|t| same_token(t.as_bytes(), token)) {
-        next.run(req).await
-    } else {
-        ApiError::Forbidden.into_response()
+    match app.inner.auth.resolve(token) {
+        Ok(p) => {
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        Err(auth::Rejection::Unauthenticated(why)) => ApiError::Unauthorized(why).into_response(),
+        Err(auth::Rejection::Unknown) => {
+            ApiError::Forbidden("bearer token not accepted".into()).into_response()
+        }
     }
 }
 
@@ -313,7 +397,10 @@ pub fn router(app: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::Extension(error::BodyLimit(limit)))
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn_with_state(app.clone(), auth))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            authenticate,
+        ))
         .layer(axum::middleware::from_fn(track))
         .with_state(app);
     match cors {
@@ -331,18 +418,21 @@ pub async fn serve(
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(config.sync.listen).await?;
     tracing::info!(addr = %config.sync.listen, "sync port listening");
-    if config.sync.tokens.is_empty() {
-        tracing::warn!("sync.tokens is empty: the sync API is open to anyone who can reach it");
+    let authenticator = auth::Authenticator::new(&config.sync.tokens, &config.auth)
+        .map_err(std::io::Error::other)?;
+    if authenticator.is_open() {
+        tracing::warn!("no credentials configured (sync.tokens, [auth]): the sync and admin API is open to anyone who can reach it");
     }
     if let Err(e) = store.ensure_snapshot_indexes().await {
         tracing::warn!(error = %e, "cannot create the snapshot indexes");
     }
-    let app = AppState::new(
+    let app = AppState::with_auth(
         config.sync.clone(),
         config.streams.iter().map(|s| s.name()).collect(),
         store,
         publisher,
         shutdown.clone(),
+        authenticator,
     );
     let router = router(app);
     Ok(tokio::spawn(async move {

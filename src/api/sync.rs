@@ -8,6 +8,7 @@ use axum::Json;
 use bson::{doc, Bson};
 use serde::{Deserialize, Serialize};
 
+use super::auth::Caller;
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use super::model::{
     parse_key, EventOut, Item, MissingRequest, MissingResponse, NoticeOut, SnapshotOut,
@@ -120,8 +121,16 @@ fn decode_cursor(s: &str) -> Result<Cursor, ApiError> {
 /// `POST /v1/sync/missing`.
 pub async fn missing(
     State(app): State<AppState>,
+    Caller(who): Caller,
     ApiJson(req): ApiJson<MissingRequest>,
 ) -> Result<Json<MissingResponse>, ApiError> {
+    // Admission control: a slot per catch-up, held until the answer is built.
+    let _slot = app.catchup_slot()?;
+    if let Some(id) = &req.client_id {
+        who.check_client(id)?;
+    } else if who.client.is_some() && req.vector.is_none() {
+        return Err(ApiError::bad("send a `vector`, or your `client_id`"));
+    }
     let cfg = app.config();
     let limit = match req.limit {
         None => cfg.max_page_size.min(100),
@@ -156,6 +165,9 @@ pub async fn missing(
             ))
         }
     };
+    for s in vector.streams.keys() {
+        who.check_stream(s)?;
+    }
     let heads = match &cursor {
         Some(c) => c.h.clone(),
         None => {
@@ -388,10 +400,12 @@ fn page_limit(app: &AppState, limit: Option<i64>) -> Result<usize, ApiError> {
 /// `GET /v1/streams/{stream}/documents/{key}/events`.
 pub async fn doc_events(
     State(app): State<AppState>,
+    Caller(who): Caller,
     ApiPath((stream, key_text)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<DocEventsQuery>,
 ) -> Result<Json<DocEventsResponse>, ApiError> {
     known_stream(&app, &stream)?;
+    who.check_stream(&stream)?;
     let (_, key) = parse_key(&key_text)?;
     let limit = page_limit(&app, q.limit)?;
     let after = q.after.unwrap_or(0);
@@ -442,10 +456,12 @@ pub struct StateQuery {
 /// `GET /v1/streams/{stream}/documents/{key}/state`.
 pub async fn doc_state(
     State(app): State<AppState>,
+    Caller(who): Caller,
     ApiPath((stream, key_text)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<StateQuery>,
 ) -> Result<Json<SnapshotOut>, ApiError> {
     known_stream(&app, &stream)?;
+    who.check_stream(&stream)?;
     let (id, key) = parse_key(&key_text)?;
     let state = match q.version {
         Some(v) if v < 0 => return Err(ApiError::bad("version must be >= 0")),
@@ -500,10 +516,12 @@ pub struct CheckpointResponse {
 /// `GET /v1/streams/{stream}/documents/{key}/write-checkpoint`.
 pub async fn write_checkpoint(
     State(app): State<AppState>,
+    Caller(who): Caller,
     ApiPath((stream, key_text)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<CheckpointQuery>,
 ) -> Result<Json<CheckpointResponse>, ApiError> {
     known_stream(&app, &stream)?;
+    who.check_stream(&stream)?;
     let (_, key) = parse_key(&key_text)?;
     if q.version < 1 {
         return Err(ApiError::bad(
@@ -583,6 +601,9 @@ pub struct StreamOut {
     head: i64,
     /// The replica consuming the change stream, if any holds the lease.
     lease_holder: Option<String>,
+    /// Recent operator actions on the stream (newest first): re-reads, pauses, resumes,
+    /// restarts — so clients can tell why the stream stalled or re-emitted.
+    notices: Vec<super::admin::ControlOut>,
 }
 
 async fn stream_out(app: &AppState, s: &str) -> Result<StreamOut, ApiError> {
@@ -590,6 +611,13 @@ async fn stream_out(app: &AppState, s: &str) -> Result<StreamOut, ApiError> {
         stream: s.to_owned(),
         head: app.store().last_seq(s).await?,
         lease_holder: app.store().lease_holder(s).await?,
+        notices: app
+            .store()
+            .list_controls(Some(s), 20)
+            .await?
+            .iter()
+            .map(super::admin::ControlOut::from)
+            .collect(),
     })
 }
 
@@ -600,9 +628,12 @@ pub struct StreamsResponse {
 }
 
 /// `GET /v1/streams`.
-pub async fn streams(State(app): State<AppState>) -> Result<Json<StreamsResponse>, ApiError> {
+pub async fn streams(
+    State(app): State<AppState>,
+    Caller(who): Caller,
+) -> Result<Json<StreamsResponse>, ApiError> {
     let mut out = Vec::new();
-    for s in app.streams() {
+    for s in app.streams().iter().filter(|s| who.can_read(s)) {
         out.push(stream_out(&app, s).await?);
     }
     Ok(Json(StreamsResponse { streams: out }))
@@ -611,8 +642,10 @@ pub async fn streams(State(app): State<AppState>) -> Result<Json<StreamsResponse
 /// `GET /v1/streams/{stream}`.
 pub async fn stream(
     State(app): State<AppState>,
+    Caller(who): Caller,
     ApiPath(stream): ApiPath<String>,
 ) -> Result<Json<StreamOut>, ApiError> {
     known_stream(&app, &stream)?;
+    who.check_stream(&stream)?;
     Ok(Json(stream_out(&app, &stream).await?))
 }

@@ -6,6 +6,7 @@ pub mod change_stream;
 pub mod checkpoints;
 pub mod clients;
 pub mod compaction_state;
+pub mod controls;
 pub mod dead_letters;
 pub mod events;
 pub mod lease;

@@ -51,6 +51,31 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// Sync API latency by route.
     pub http_duration: HistogramVec,
+    /// Answers refused because of the request (4xx) or overload (503 busy), by status and
+    /// code; not daemon errors (those are in `errors`).
+    pub http_client_errors: IntCounterVec,
+    /// Catch-ups (`POST /v1/sync/missing`) being served now.
+    pub catchups_in_flight: IntGauge,
+    /// Catch-ups refused by admission control (503 + Retry-After).
+    pub catchups_rejected: IntCounterVec,
+    /// Operator actions, by stream, action and outcome (`requested`, `done`, `failed`).
+    pub admin_actions: IntCounterVec,
+    /// 1 while an operator paused the stream (this replica consumes it), else 0.
+    pub stream_paused: IntGaugeVec,
+    /// Time between a change's wall (or cluster) time and its reading by the daemon:
+    /// Debezium's MilliSecondsBehindSource, in base units (seconds).
+    pub behind_source: HistogramVec,
+    /// Age of the stream's stored resume token: now minus the cluster time it points at,
+    /// seconds (set while this replica consumes the stream).
+    pub resume_token_age: GaugeVec,
+    /// Time span of the server's change history (oplog): newest minus oldest entry, seconds.
+    /// Absent when the server exposes neither `replSetGetStatus` nor `local.oplog.rs`.
+    /// (A vector without labels: no sample until the first value is set.)
+    pub oplog_window: GaugeVec,
+    /// How long until the stream's resume point falls off the oplog at the current window:
+    /// cluster time of the resume point minus that of the oldest oplog entry, seconds.
+    /// Absent when the oplog is not visible.
+    pub oplog_headroom: GaugeVec,
     /// Open live subscriptions.
     pub live_subscribers: IntGauge,
     /// Events compacted away.
@@ -125,6 +150,23 @@ impl Metrics {
             checkpoint_timestamp: gauge(&r, "eventsync_checkpoint_timestamp_seconds", "Unix time at which the stream's checkpoint was last stored.", &["stream"]),
             http_requests: counter(&r, "eventsync_http_requests_total", "Sync API requests by route, method and status.", &["route", "method", "status"]),
             http_duration: histogram(&r, "eventsync_http_request_duration_seconds", "Sync API request latency.", &["route"], secs),
+            http_client_errors: counter(&r, "eventsync_http_client_errors_total", "Sync API answers refused because of the request (4xx) or overload (503 busy), by status and code; not counted as daemon errors.", &["status", "code"]),
+            catchups_in_flight: {
+                let g = IntGauge::new("eventsync_catchups_in_flight", "Catch-ups (POST /v1/sync/missing) being served now.").expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            catchups_rejected: counter(&r, "eventsync_catchups_rejected_total", "Catch-ups refused by admission control (503 with Retry-After).", &["reason"]),
+            admin_actions: counter(&r, "eventsync_admin_actions_total", "Operator actions by stream, action and outcome (requested, done, failed).", &["stream", "action", "outcome"]),
+            stream_paused: {
+                let g = IntGaugeVec::new(Opts::new("eventsync_stream_paused", "1 while an operator paused the stream this replica consumes, else 0."), &["stream"]).expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            behind_source: histogram(&r, "eventsync_behind_source_seconds", "Time between a change's wall (or cluster) time in MongoDB and its reading by the daemon (Debezium's MilliSecondsBehindSource, in seconds).", &["stream"], vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]),
+            resume_token_age: gauge(&r, "eventsync_resume_token_age_seconds", "Now minus the cluster time of the stream's last stored resume point, seconds.", &["stream"]),
+            oplog_window: gauge(&r, "eventsync_oplog_window_seconds", "Newest minus oldest entry of the server's oplog, seconds; absent when the server exposes no oplog.", &[]),
+            oplog_headroom: gauge(&r, "eventsync_oplog_headroom_seconds", "Cluster time of the stream's resume point minus that of the oldest oplog entry, seconds: how far the checkpoint is from falling off the oplog. Absent when the oplog is not visible.", &["stream"]),
             live_subscribers: {
                 let g = IntGauge::new("eventsync_live_subscribers", "Open live subscriptions.").expect("valid metric");
                 r.register(Box::new(g.clone())).expect("unique metric");
@@ -171,6 +213,14 @@ impl Metrics {
         self.lease_acquired.with_label_values(&[stream]);
         self.compacted.with_label_values(&[stream]);
         self.lease_held.with_label_values(&[stream]);
+        for action in ["resync", "pause", "resume", "start_at"] {
+            for outcome in ["requested", "done", "failed"] {
+                self.admin_actions
+                    .with_label_values(&[stream, action, outcome]);
+            }
+        }
+        self.catchups_rejected
+            .with_label_values(&["max_concurrent_catchups"]);
     }
 
     /// Values computed at scrape time: the checkpoint age of every stream this replica

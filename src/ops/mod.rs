@@ -3,6 +3,7 @@
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod oplog;
 
 use std::net::SocketAddr;
 
@@ -24,6 +25,8 @@ pub struct OpsConfig {
     pub ready_max_lag_secs: f64,
     /// How often MongoDB is pinged for readiness, milliseconds.
     pub ping_interval_ms: u64,
+    /// How often the oplog window, resume-token age and headroom are sampled, milliseconds.
+    pub oplog_interval_ms: u64,
 }
 
 impl Default for OpsConfig {
@@ -32,6 +35,7 @@ impl Default for OpsConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             ready_max_lag_secs: 60.0,
             ping_interval_ms: 1000,
+            oplog_interval_ms: 5000,
         }
     }
 }
@@ -45,6 +49,12 @@ impl OpsConfig {
             86_400.0,
         )?;
         in_range("ops.ping_interval_ms", self.ping_interval_ms, 50, 60_000)?;
+        in_range(
+            "ops.oplog_interval_ms",
+            self.oplog_interval_ms,
+            100,
+            600_000,
+        )?;
         Ok(())
     }
 }

@@ -40,6 +40,20 @@ pub enum SourceError {
     Mongo(mongodb::error::Error),
 }
 
+/// Time behind source: now minus the change's wall time (or cluster time), seconds.
+fn observe_behind_source(stream: &str, c: &Change) {
+    let at_ms = match (c.wall_time, c.cluster_time) {
+        (Some(w), _) => w.timestamp_millis() as f64,
+        (None, Some(t)) => f64::from(t.time) * 1000.0,
+        (None, None) => return,
+    };
+    let behind = (crate::ops::metrics::unix_now() * 1000.0 - at_ms).max(0.0) / 1000.0;
+    metrics()
+        .behind_source
+        .with_label_values(&[stream])
+        .observe(behind);
+}
+
 /// Reads `stream` until the channel closes or the stream fails.
 pub async fn run(
     stream_name: String,
@@ -55,7 +69,10 @@ pub async fn run(
             Ok(Some(raw)) => {
                 changes.inc();
                 match decode(&raw) {
-                    Ok(change) => Item::Change(Box::new(change)),
+                    Ok(change) => {
+                        observe_behind_source(&stream_name, &change);
+                        Item::Change(Box::new(change))
+                    }
                     Err(reason) => {
                         warn!(stream = %stream_name, %reason, "undecodable change event");
                         Item::Undecodable {

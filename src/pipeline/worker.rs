@@ -146,6 +146,8 @@ impl StreamWorker {
                                 backoff = base;
                             }
                             Err(e) => {
+                                // HOOK (operator controls): last error for the admin status.
+                                super::control::record_error(&self.store, &self.name, &self.holder, &e).await;
                                 m.error("stream", e.kind());
                                 error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "stream stopped; restarting from the checkpoint");
                                 self.health.set_role(&self.name, StreamRole::Failed);
@@ -180,6 +182,22 @@ impl StreamWorker {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), WorkerError> {
         let m = metrics();
+        // HOOK (operator controls): a paused stream is held here, without a change stream,
+        // until resumed (src/pipeline/control.rs). The lease is renewed meanwhile by the
+        // renewer beside the run.
+        match super::control::hold_while_paused(
+            &self.store,
+            &self.name,
+            &self.holder,
+            guard.epoch(),
+            &self.source,
+            shutdown,
+        )
+        .await
+        {
+            super::control::Hold::Run => {}
+            super::control::Hold::Shutdown => return Ok(()),
+        }
         let stored = self.store.load_checkpoint(&self.name).await?;
         let cp = recover(&self.store, &self.name, &guard, &self.fields, stored).await?;
         let mut appender = Appender::new(
@@ -251,6 +269,20 @@ impl StreamWorker {
             committer: appender.committer(),
             pending: None,
         };
+        // HOOK (operator controls, src/pipeline/control.rs): polled once a second, not per
+        // batch; a pause, re-read or start-at ends the run (Reopen), and the guard on the
+        // receive below takes nothing once paused.
+        let mut controls = super::control::Controls::start(
+            &self.store,
+            &self.name,
+            &self.holder,
+            appender.guard().epoch(),
+            &self.source,
+        )
+        .await;
+        let mut control_tick = tokio::time::interval(super::control::POLL);
+        control_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
         let mut items = Vec::with_capacity(self.pipeline.batch_size);
         loop {
             tokio::select! {
@@ -262,7 +294,13 @@ impl StreamWorker {
                         return Ok(());
                     }
                 }
-                n = rx.recv_many(&mut items, self.pipeline.batch_size) => {
+                // HOOK (operator controls): pause / re-read / start-at end the run and re-open.
+                _ = control_tick.tick() => {
+                    if let super::control::Reaction::Reopen(why) = controls.poll(&appender.checkpoint).await {
+                        return Err(WorkerError::Reopen(why.into()));
+                    }
+                }
+                n = rx.recv_many(&mut items, self.pipeline.batch_size), if !controls.paused() => {
                     if n == 0 {
                         return Err(WorkerError::ReaderStopped);
                     }
