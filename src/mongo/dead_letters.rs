@@ -6,10 +6,8 @@ use super::{Store, StoreError};
 use crate::pipeline::store::DeadLetter;
 
 impl Store {
-    /// Records a change that could not become an event: an upsert keyed by stream and
-    /// resume token (`$setOnInsert`), so it is written once however often the change is
-    /// replayed, by this holder or a stale one. Letters without a token (found by a
-    /// re-read) are inserted.
+    /// Records a change that could not become an event, once however often the change is
+    /// replayed, by this holder or a stale one (a unique `key` of stream and resume token).
     pub async fn record_dead_letter(
         &self,
         stream: &str,
@@ -26,22 +24,24 @@ impl Store {
         if let Some(id) = &letter.doc_id {
             d.insert("doc_id", id.clone());
         }
-        match &letter.token {
+        // The record's identity: stream and resume token (a string, unique index), so a
+        // replay or a stale holder writes it once. Letters without a token (found by a
+        // re-read) get a key of their own.
+        let key = match &letter.token {
             Some(t) => {
                 d.insert("token", t.clone());
-                // A string key: portable to servers that cannot match a document `_id`.
-                let id = format!(
+                format!(
                     "{stream}\u{1f}{}",
                     bson::Bson::Document(t.clone()).into_relaxed_extjson()
-                );
-                self.dead_letters()
-                    .update_one(doc! { "_id": id }, doc! { "$setOnInsert": d })
-                    .upsert(true)
-                    .await?;
+                )
             }
-            None => {
-                self.dead_letters().insert_one(d).await?;
-            }
+            None => bson::oid::ObjectId::new().to_hex(),
+        };
+        d.insert("key", key);
+        match self.dead_letters().insert_one(d).await {
+            Ok(_) => {}
+            Err(e) if crate::client::is_duplicate_key(&e) => {}
+            Err(e) => return Err(e.into()),
         }
         Ok(())
     }

@@ -194,6 +194,8 @@ impl Store {
             // Write checkpoints: has origin O's write reached the log?
             (self.events(), doc! { "origin": 1, "to_version": 1 }, false),
             (self.snapshots(), doc! { "ns": 1, "doc_key": 1 }, true),
+            // A dead letter per change, however often it is replayed.
+            (self.dead_letters(), doc! { "key": 1 }, true),
         ];
         for (coll, keys, unique) in indexes {
             let options = IndexOptions::builder().unique(unique).build();
