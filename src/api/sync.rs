@@ -48,15 +48,20 @@ fn tail_staleness(app: &AppState) -> Duration {
 /// Items of a whole stream after `after`, at most `limit`: from the stream's shared tail
 /// when its buffer covers the position, else from the log (events merged with compaction
 /// snapshots by position).
+/// A client that compaction passed (it has a notice for the stream) is always answered
+/// from the log, which holds the snapshots it was told to expect.
 async fn stream_page(
     app: &AppState,
     stream: &str,
     after: i64,
     limit: usize,
+    passed: bool,
 ) -> Result<Vec<Out>, ApiError> {
     let tail = app.tails().get(stream);
-    if let Some(frames) = tail.serve(after, limit, tail_staleness(app)) {
-        return Ok(frames.into_iter().map(Out::Frame).collect());
+    if !passed {
+        if let Some(frames) = tail.serve(after, limit, tail_staleness(app)) {
+            return Ok(frames.into_iter().map(Out::Frame).collect());
+        }
     }
     let frames = read_page(app.store(), stream, after, None, limit, "missing").await?;
     Ok(frames
@@ -226,7 +231,10 @@ pub async fn missing(
                 });
                 break 'streams;
             }
-            let page = stream_page(&app, stream, after, room).await?;
+            let passed = client
+                .as_ref()
+                .is_some_and(|c| c.notices.iter().any(|n| &n.stream == stream));
+            let page = stream_page(&app, stream, after, room, passed).await?;
             let last = page.last().map_or(after, |o| match o {
                 Out::Frame(f) => f.seq,
                 Out::Item(i) => i.seq(),

@@ -137,6 +137,10 @@ struct Ring {
     /// The buffer covers the positions `(start, head]`.
     start: i64,
     head: i64,
+    /// The compaction floor: the highest position a snapshot stands for. At or below it the
+    /// log may hold snapshots in place of events, which `/v1/sync/missing` must send (see
+    /// [`Tail::serve`]).
+    floor: i64,
     /// False until the tail knows where the log is.
     ready: bool,
 }
@@ -236,12 +240,37 @@ impl Tail {
     /// For `/v1/sync/missing`: the frames after `after` (at most `max`) when the buffer
     /// covers that position and the tail is level with the log (it read or was handed
     /// everything up to a moment ago); `None` sends the request to the log.
+    ///
+    /// Positions at or below the compaction floor are left to the log, so that a client
+    /// behind compaction gets the snapshots that stand for the removed events, as the log
+    /// would give them (the buffer may still hold the events themselves).
     pub fn serve(&self, after: i64, max: usize, staleness: Duration) -> Option<Vec<Arc<Frame>>> {
         let level = self.level_at.load(Ordering::SeqCst);
         if level == 0 || self.now_ms().saturating_sub(level) > staleness.as_millis() as u64 {
             return None;
         }
+        if after < self.read().floor {
+            return None;
+        }
         self.frames_after(after, None, max).ok().map(|(f, _)| f)
+    }
+
+    /// Reads the compaction floor (one query).
+    async fn refresh_floor(&self, store: &Store) -> Result<(), ApiError> {
+        count_read("tail");
+        let top = store
+            .snapshots()
+            .find_one(bson::doc! { "ns": &self.stream })
+            .sort(bson::doc! { "seq": -1 })
+            .projection(bson::doc! { "seq": 1 })
+            .await
+            .map_err(crate::mongo::StoreError::from)?;
+        let floor = top
+            .and_then(|d| crate::mongo::get_int(&d, "seq"))
+            .unwrap_or(0);
+        let mut r = self.write();
+        r.floor = r.floor.max(floor);
+        Ok(())
     }
 
     /// Whether anyone needs the tail: subscribers, or a recent `/v1/sync/missing`.
@@ -343,10 +372,13 @@ async fn run(
                 return;
             }
             count_read("tail");
-            match store.last_seq(&tail.stream).await {
+            let found = match store.last_seq(&tail.stream).await {
+                Ok(h) => tail.refresh_floor(&store).await.map(|()| h),
+                Err(e) => Err(e.into()),
+            };
+            match found {
                 Ok(h) => break h,
                 Err(e) => {
-                    let e = ApiError::from(e);
                     metrics().error("live", e.code());
                     tracing::warn!(stream = %tail.stream, error = %e, "live tail cannot find the log's head; retrying");
                     tokio::select! {
@@ -361,6 +393,8 @@ async fn run(
         tail.reset((head - prefill).max(0));
         let mut fed = false;
         let mut next_poll = tokio::time::Instant::now();
+        let floor_every = config.poll.max(Duration::from_secs(1));
+        let mut next_floor = tokio::time::Instant::now() + floor_every;
         loop {
             let stopping = *shutdown.borrow();
             // Stop when nobody needs the tail any more.
@@ -414,6 +448,14 @@ async fn run(
                         // for every subscriber.
                         next_poll = tokio::time::Instant::now() + config.poll;
                         catch_up(&tail, &store, &config, None).await
+                    }
+                }
+                _ = tokio::time::sleep_until(next_floor) => {
+                    // Compaction may have moved: one query per stream, whoever subscribes.
+                    next_floor = tokio::time::Instant::now() + floor_every;
+                    match tail.refresh_floor(&store).await {
+                        Ok(()) => Step::Fine,
+                        Err(e) => Step::Failed(e),
                     }
                 }
                 _ = tokio::time::sleep_until(next_poll) => {
