@@ -212,7 +212,9 @@ impl Appender {
             }
         }
         if !events.is_empty() {
-            self.publisher.appended();
+            // livefanout: hand the durable events to this replica's live tails (no read-back).
+            self.publisher
+                .publish(std::sync::Arc::from(events.as_slice()));
             for ev in &events {
                 m.events_appended
                     .with_label_values(&[&stream, ev.op.as_str()])
