@@ -404,3 +404,55 @@ async fn log_reads_do_not_grow_with_the_number_of_subscribers() {
         "log reads for 10 events: {one} with 1 subscriber, {fifty} with 50 — they must not grow with subscribers"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn missing_pages_through_a_large_gap_from_the_log_and_the_tail() {
+    // The tail's buffer holds the newest 1,500: the first pages come from the log.
+    let e = env("fan_missing", "tail_buffer = 1500").await;
+    let n = 3500usize;
+    let docs: Vec<Document> = (0..n as i64)
+        .map(|i| doc! { "_id": i, "n": 0, "version": 1_i64, "_origin": "bulk" })
+        .collect();
+    for chunk in docs.chunks(1000) {
+        e.coll.insert_many(chunk.to_vec()).await.unwrap();
+    }
+    let log = e.log_at_least(n).await;
+    for pass in 0..2 {
+        let mut cursor: Option<String> = None;
+        let mut ids = Vec::new();
+        loop {
+            let mut body = serde_json::json!({
+                "vector": { "streams": [ { "stream": e.stream, "position": 0 } ] },
+                "limit": 1000,
+            });
+            if let Some(c) = &cursor {
+                body["cursor"] = serde_json::json!(c);
+            }
+            let resp = e
+                .http
+                .post(format!("{}/v1/sync/missing", e.daemon.sync_url()))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 200);
+            let page: Value = resp.json().await.unwrap();
+            for item in page["items"].as_array().unwrap() {
+                let seq = item["seq"].as_i64().unwrap();
+                let ev = &log[(seq - 1) as usize];
+                assert_eq!(item["key"].as_str(), Some(ev.doc_key.as_str()));
+                ids.push(seq);
+            }
+            if page["has_more"] != true {
+                assert_eq!(page["positions"][&e.stream].as_i64(), Some(n as i64));
+                break;
+            }
+            cursor = Some(page["next_cursor"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(
+            ids,
+            (1..=n as i64).collect::<Vec<_>>(),
+            "pass {pass}: every event once, in order"
+        );
+    }
+}

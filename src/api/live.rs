@@ -233,6 +233,34 @@ struct Producer {
     _slot: SubscriberSlot,
 }
 
+/// Frames joined into chunks of at most 64 KiB (a single frame stays shared, uncopied),
+/// each with the position of its last frame.
+fn chunks(frames: &[std::sync::Arc<super::frames::Frame>]) -> Vec<(Bytes, i64)> {
+    const CHUNK: usize = 64 * 1024;
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < frames.len() {
+        let mut j = i + 1;
+        let mut size = frames[i].sse().len();
+        while j < frames.len() && size + frames[j].sse().len() <= CHUNK {
+            size += frames[j].sse().len();
+            j += 1;
+        }
+        let last = frames[j - 1].seq;
+        if j == i + 1 {
+            out.push((frames[i].sse(), last));
+        } else {
+            let mut b = Vec::with_capacity(size);
+            for f in &frames[i..j] {
+                b.extend_from_slice(&f.sse());
+            }
+            out.push((Bytes::from(b), last));
+        }
+        i = j;
+    }
+    out
+}
+
 /// Why a producer stops.
 enum Stop {
     Closed,
@@ -265,12 +293,12 @@ impl Producer {
             let more = match tail.frames_after(self.after, set.as_ref(), self.batch) {
                 Ok((frames, scanned)) => {
                     let full = frames.len() == self.batch;
-                    for f in frames {
-                        let seq = f.seq;
-                        if self.send(f.sse()).await.is_err() {
+                    // Several frames go out as one chunk (one write to the socket).
+                    for group in chunks(&frames) {
+                        if self.send(group.0).await.is_err() {
                             return;
                         }
-                        self.after = seq;
+                        self.after = group.1;
                     }
                     self.after = self.after.max(scanned);
                     full
