@@ -383,6 +383,47 @@ fn metric_total(text: &str, name: &str) -> Option<f64> {
     found.then_some(sum)
 }
 
+/// The cumulative buckets `(le, count)` of a histogram for one label set.
+fn histogram_buckets(text: &str, name: &str, label: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{");
+    let mut out: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains(label))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let n = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le, n))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
+/// The bucket bound under which a fraction `q` of the requests between two scrapes fell
+/// (seconds), from the daemon's own latency histogram.
+fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let b = before.iter().find(|(l, _)| l == le).map_or(0.0, |x| x.1);
+            (*le, n - b)
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    delta
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map(|(le, _)| *le)
+}
+
 /// Operations the server has served (serverStatus `opcounters`), when it reports them.
 async fn server_ops(client: &mongodb::Client) -> Option<i64> {
     let s = client
@@ -1271,7 +1312,10 @@ async fn serve_phase(
     // Concurrent clients, each missing ≤ 1,000 events.
     let mut concurrent = Vec::new();
     for (name, recent) in [("near_head", true), ("anywhere", false)] {
-        let r0 = reads(&daemon.metrics().await);
+        let m0 = daemon.metrics().await;
+        let r0 = reads(&m0);
+        let route = "route=\"/v1/sync/missing\"";
+        let h0 = histogram_buckets(&m0, "eventsync_http_request_duration_seconds", route);
         let cpu0 = daemon.cpu_secs();
         let start = Instant::now();
         let mut tasks = Vec::new();
@@ -1310,13 +1354,18 @@ async fn serve_phase(
             errors += e;
         }
         let secs = start.elapsed().as_secs_f64();
-        let r1 = reads(&daemon.metrics().await);
+        let m1 = daemon.metrics().await;
+        let r1 = reads(&m1);
+        let h1 = histogram_buckets(&m1, "eventsync_http_request_duration_seconds", route);
+        let in_daemon = |q| histogram_quantile(&h0, &h1, q).map(|s| s * 1000.0);
         let requests = lat.len();
         concurrent.push(json!({
             "positions": name, "clients": a.serve_clients, "requests": requests, "errors": errors,
             "requests_per_s": round(requests as f64 / secs),
             "events_per_s": round(items as f64 / secs),
             "latency": percentiles(lat),
+            "in_daemon_p50_ms_at_most": in_daemon(0.5),
+            "in_daemon_p99_ms_at_most": in_daemon(0.99),
             "log_reads_per_request": r0.zip(r1).map(|(a, b)| round((b - a) / requests.max(1) as f64)),
             "daemon_cpu_secs": round(daemon.cpu_secs() - cpu0),
         }));
@@ -1560,8 +1609,10 @@ fn table(r: &Value) {
                     g(&p("positions")).as_str().unwrap_or("?")
                 ),
                 format!(
-                    "{} ; {} req/s, {} events/s, {} log reads/request",
+                    "{} (in the daemon: p50 <= {} / p99 <= {} ms); {} req/s, {} events/s, {} log reads/request",
                     lat(&p("latency")),
+                    g(&p("in_daemon_p50_ms_at_most")),
+                    g(&p("in_daemon_p99_ms_at_most")),
                     g(&p("requests_per_s")),
                     g(&p("events_per_s")),
                     g(&p("log_reads_per_request"))
