@@ -212,9 +212,10 @@ impl Appender {
             }
         }
         if !events.is_empty() {
-            // livefanout: hand the durable events to this replica's live tails (no read-back).
+            // livefanout: hand the durable events to this replica's live tails (no read-back;
+            // copied only when a tail listens).
             self.publisher
-                .publish(std::sync::Arc::from(events.as_slice()));
+                .publish_with(|| std::sync::Arc::from(events.as_slice()));
             for ev in &events {
                 m.events_appended
                     .with_label_values(&[&stream, ev.op.as_str()])

@@ -59,6 +59,16 @@ impl Publisher {
         self.appended();
     }
 
+    /// Like [`Self::publish`], but builds the batch only when a live tail listens on this
+    /// replica (no copy of the events otherwise).
+    pub fn publish_with(&self, events: impl FnOnce() -> Arc<[EventRecord]>) {
+        if self.batches.receiver_count() > 0 {
+            self.publish(events());
+        } else {
+            self.appended();
+        }
+    }
+
     /// A receiver that changes after every append.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.tx.subscribe()
