@@ -727,6 +727,20 @@ def main(uri: str) -> int:
     check(got == ["late-1", "late-2"], f"startAtOperationTime starts at the time asked: {got}")
     ok("j. startAtOperationTime starts at the first change at or after that cluster time")
 
+    # ---- k. serverStatus.opcounters -------------------------------------------
+    ops0 = client.admin.command("serverStatus")["opcounters"]
+    opc = db[f"opc_{uuid.uuid4().hex[:8]}"]
+    opc.insert_many([{"_id": i} for i in range(3)])
+    list(opc.find({}))
+    opc.update_one({"_id": 0}, {"$set": {"x": 1}})
+    opc.delete_one({"_id": 1})
+    ops1 = client.admin.command("serverStatus")["opcounters"]
+    delta = {k: ops1[k] - ops0[k] for k in ops0}
+    check(all(type(v) is Int64 for v in ops1.values()), f"opcounters are Int64: {ops1}")
+    check(delta["insert"] == 3 and delta["query"] == 1 and delta["update"] == 1
+          and delta["delete"] == 1 and delta["command"] >= 1, f"opcounters deltas: {delta}")
+    ok("k. serverStatus reports opcounters (insert per document, query, update, delete, getmore, command)")
+
     client.drop_database(dbname)
     print("ALL CHECKS PASSED")
     return 0

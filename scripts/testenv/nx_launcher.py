@@ -109,6 +109,10 @@ i. Collection lifecycle events (nx emitted none).  ``drop``,
      (nx did: a stream re-opened after a drop brought the collection back);
      the stream starts after the newest change of the database, and tracking
      starts with the write that creates the collection.
+k. ``serverStatus`` reports ``opcounters`` (insert, query, update, delete,
+   getmore, command) like MongoDB, counted per command received (an insert
+   command counts its documents, update/delete their statements), so a
+   benchmark can count the operations a client costs the server.
 
 Differences not corrected (know them; don't depend on them)
 -----------------------------------------------------------
@@ -927,6 +931,47 @@ def _change_stream_token(cmd: dict[str, Any]) -> tuple[str | None, Any]:
     return None, None
 
 
+# ---------------------------------------------------------------------------
+# k. serverStatus.opcounters
+# ---------------------------------------------------------------------------
+
+_opcounters = {"insert": 0, "query": 0, "update": 0, "delete": 0, "getmore": 0, "command": 0}
+_opcounters_lock = threading.Lock()
+_OPCOUNTER_OF = {"find": "query", "getMore": "getmore", "insert": "insert",
+                 "update": "update", "delete": "delete"}
+_OPCOUNTER_LIST = {"insert": "documents", "update": "updates", "delete": "deletes"}
+
+
+def _count_op(cmd: dict[str, Any], msg: Any) -> None:
+    name = next(iter(cmd), None)
+    kind = _OPCOUNTER_OF.get(name, "command")
+    n = 1
+    if kind in _OPCOUNTER_LIST:
+        items = cmd.get(_OPCOUNTER_LIST[kind])
+        if not isinstance(items, list):
+            # Sent as a document sequence (OP_MSG kind 1 section).
+            items = []
+            try:
+                for k, docs in msg.get("sections", []):
+                    if k == "body":
+                        continue
+                    if isinstance(docs, dict):
+                        docs = [v for v in docs.values() if isinstance(v, list)]
+                        docs = [d for v in docs for d in v]
+                    if isinstance(docs, (list, tuple)):
+                        items.extend(docs)
+            except Exception:
+                items = []
+        n = len(items) or 1
+    with _opcounters_lock:
+        _opcounters[kind] += n
+
+
+def _opcounters_now() -> dict[str, Any]:
+    with _opcounters_lock:
+        return {k: Int64(v) for k, v in _opcounters.items()}
+
+
 _orig_handle_command = nx_handler.NeoSQLiteHandler.handle_command
 _orig_handle_insert = nx_handler.NeoSQLiteHandler.handle_insert
 _orig_handle_query = nx_handler.NeoSQLiteHandler.handle_query
@@ -1022,6 +1067,12 @@ def _handle_command(self, msg):
         return _orig_handle_command(self, msg)
     request_id = msg.get("request_id", 0)
     db_name = cmd.get("$db", "test")
+    _count_op(cmd, msg)
+    if "serverStatus" in cmd:
+        rid, reply = _orig_handle_command(self, msg)
+        if isinstance(reply, dict) and reply.get("ok"):
+            reply["opcounters"] = _opcounters_now()
+        return rid, reply
 
     if db_name == "local" and cmd.get("find") == "oplog.rs":
         try:
@@ -1134,6 +1185,7 @@ def _finish_write(self, msg):
 
 def _handle_insert(self, msg):
     _retrack(self, msg)
+    _count_op(_body(msg) or {"insert": None}, msg)
     try:
         return _orig_handle_insert(self, msg)
     finally:

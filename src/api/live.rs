@@ -1,32 +1,41 @@
 //! Live subscriptions over Server-Sent Events.
 //!
 //! A subscriber reads one stream (optionally only some documents) from a position. Every
-//! replica serves subscriptions by tailing the event log by position: woken at once by the
-//! local [`crate::pipeline::publish::Publisher`] when this replica appended, otherwise by
-//! polling every `sync.tail_poll_ms`. Each SSE event carries `id: <seq>`, so a reconnect with
-//! `Last-Event-ID` (or `?after=`) resumes exactly after the last event received: no gap, no
-//! duplicate. Compaction snapshots are merged in by position like in `/v1/sync/missing`.
+//! replica serves subscriptions from one shared tail per stream ([`super::tail`]): the tail
+//! reads new events once (or is handed them by this replica's appender) and every
+//! subscriber copies the encoded frames it wants from the tail's buffer, filtered by
+//! document in memory — the log is not read per subscriber. A subscriber whose position is
+//! older than the buffer (a resume from far back, or one that fell behind) reads the log by
+//! position itself, merged with compaction snapshots like `/v1/sync/missing`, until it
+//! reaches the buffer, and then rejoins it. Each SSE event carries `id: <seq>`, so a
+//! reconnect with `Last-Event-ID` (or `?after=`) resumes exactly after the last event
+//! received: no gap, no duplicate.
 //!
-//! Memory per subscriber is bounded: a producer task reads at most `sync.live_buffer`
-//! items at a time and hands them to the response through a channel of that capacity; the
-//! response body is only polled when the connection can take more bytes (backpressure).
-//! A producer that cannot hand over an item within `sync.live_send_timeout_ms` drops the
-//! subscriber (the client then reconnects with `Last-Event-ID`).
+//! Memory per subscriber is bounded: a producer task hands frames (shared bytes) to the
+//! response through a channel of `sync.live_buffer` items; the response body is only
+//! polled when the connection can take more bytes (backpressure). A producer that cannot
+//! hand over an item within `sync.live_send_timeout_ms` drops the subscriber (the client
+//! then reconnects with `Last-Event-ID`).
 
+use std::collections::HashSet;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
-use axum::http::HeaderMap;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
+use std::future::Future as _;
 use tokio::sync::mpsc;
 
 use super::error::{ApiError, ApiPath};
-use super::model::{parse_key, Item};
-use super::sync::merged_page;
+use super::frames::read_page;
+use super::model::parse_key;
+use super::tail::{Behind, TailGuard};
 use super::AppState;
 use crate::ops::metrics;
 
@@ -142,7 +151,8 @@ pub async fn live(
     let slot = try_slot(&app)?;
     let cfg = app.config();
     let capacity = cfg.live_buffer.max(1);
-    let (tx, rx) = mpsc::channel::<Event>(capacity);
+    let (tx, rx) = mpsc::channel::<Bytes>(capacity);
+    let tail = app.tails().subscribe(&stream);
     let producer = Producer {
         app: app.clone(),
         stream,
@@ -152,42 +162,59 @@ pub async fn live(
         batch: capacity,
         poll: Duration::from_millis(cfg.tail_poll_ms),
         send_timeout: Duration::from_millis(cfg.live_send_timeout_ms),
+        tail,
         _slot: slot,
     };
     tokio::spawn(producer.run());
-    let body = SlotStream {
+    let interval = Duration::from_millis(cfg.keep_alive_ms);
+    let body = LiveBody {
         rx,
-        started: false,
-        after,
+        first: Some(Bytes::from(format!(": subscribed after {after}\n\n"))),
+        keep_alive: Box::pin(tokio::time::sleep(interval)),
+        interval,
     };
-    Ok(Sse::new(body)
-        .keep_alive(
-            KeepAlive::new()
-                .interval(Duration::from_millis(cfg.keep_alive_ms))
-                .text("keep-alive"),
-        )
-        .into_response())
+    let mut resp = Body::from_stream(body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(resp)
 }
 
-struct SlotStream {
-    rx: mpsc::Receiver<Event>,
-    started: bool,
-    after: i64,
+/// The response body: the frames the producer hands over, a comment first, and a
+/// keep-alive comment whenever nothing was sent for `sync.keep_alive_ms`.
+struct LiveBody {
+    rx: mpsc::Receiver<Bytes>,
+    first: Option<Bytes>,
+    keep_alive: Pin<Box<tokio::time::Sleep>>,
+    interval: Duration,
 }
 
-impl Stream for SlotStream {
-    type Item = Result<Event, Infallible>;
+impl Stream for LiveBody {
+    type Item = Result<Bytes, Infallible>;
 
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        if !self.started {
-            self.started = true;
-            let c = format!("subscribed after {}", self.after);
-            return std::task::Poll::Ready(Some(Ok(Event::default().comment(c))));
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(b) = self.first.take() {
+            return Poll::Ready(Some(Ok(b)));
         }
-        self.rx.poll_recv(cx).map(|o| o.map(Ok))
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(b)) => {
+                let next = tokio::time::Instant::now() + self.interval;
+                self.keep_alive.as_mut().reset(next);
+                Poll::Ready(Some(Ok(b)))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match self.keep_alive.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let next = tokio::time::Instant::now() + self.interval;
+                    self.keep_alive.as_mut().reset(next);
+                    Poll::Ready(Some(Ok(Bytes::from_static(b": keep-alive\n\n"))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 }
 
@@ -195,70 +222,130 @@ struct Producer {
     app: AppState,
     stream: String,
     keys: Option<Vec<String>>,
+    /// Position read up to (the last item sent, or further when the filter let nothing
+    /// through).
     after: i64,
-    tx: mpsc::Sender<Event>,
+    tx: mpsc::Sender<Bytes>,
     batch: usize,
     poll: Duration,
     send_timeout: Duration,
+    tail: TailGuard,
     /// The subscriber slot lives as long as the producer: a subscriber dropped for not
     /// reading frees its slot at once, even while its connection lingers.
     _slot: SubscriberSlot,
 }
 
+/// Frames joined into chunks of at most 64 KiB (a single frame stays shared, uncopied),
+/// each with the position of its last frame.
+fn chunks(frames: &[std::sync::Arc<super::frames::Frame>]) -> Vec<(Bytes, i64)> {
+    const CHUNK: usize = 64 * 1024;
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < frames.len() {
+        let mut j = i + 1;
+        let mut size = frames[i].sse().len();
+        while j < frames.len() && size + frames[j].sse().len() <= CHUNK {
+            size += frames[j].sse().len();
+            j += 1;
+        }
+        let last = frames[j - 1].seq;
+        if j == i + 1 {
+            out.push((frames[i].sse(), last));
+        } else {
+            let mut b = Vec::with_capacity(size);
+            for f in &frames[i..j] {
+                b.extend_from_slice(&f.sse());
+            }
+            out.push((Bytes::from(b), last));
+        }
+        i = j;
+    }
+    out
+}
+
+/// Why a producer stops.
+enum Stop {
+    Closed,
+    Slow,
+}
+
 impl Producer {
+    async fn send(&self, frame: Bytes) -> Result<(), Stop> {
+        match self.tx.send_timeout(frame, self.send_timeout).await {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                metrics().error("live", "slow_subscriber_dropped");
+                tracing::info!(stream = %self.stream, after = self.after, "dropping a live subscriber that does not read");
+                Err(Stop::Slow)
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(Stop::Closed),
+        }
+    }
+
     async fn run(mut self) {
-        let mut wake = self.app.inner.publisher.subscribe();
+        let tail = self.tail.tail.clone();
+        let mut wake = tail.watch();
         let mut shutdown = self.app.inner.shutdown.clone();
+        let set: Option<HashSet<String>> = self.keys.as_ref().map(|k| k.iter().cloned().collect());
         loop {
             if *shutdown.borrow() {
                 return;
             }
             let _ = *wake.borrow_and_update();
-            let page = merged_page(
-                self.app.store(),
-                &self.stream,
-                self.after,
-                self.keys.as_deref(),
-                self.batch,
-            )
-            .await;
-            let items = match page {
-                Ok(items) => items,
-                Err(e) => {
-                    metrics().error("live", e.code());
-                    tracing::warn!(stream = %self.stream, error = %e, "live tail read failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(self.poll.max(Duration::from_millis(500))) => continue,
-                        _ = self.tx.closed() => return,
+            let more = match tail.frames_after(self.after, set.as_ref(), self.batch) {
+                Ok((frames, scanned)) => {
+                    let full = frames.len() == self.batch;
+                    // Several frames go out as one chunk (one write to the socket).
+                    for group in chunks(&frames) {
+                        if self.send(group.0).await.is_err() {
+                            return;
+                        }
+                        self.after = group.1;
                     }
+                    self.after = self.after.max(scanned);
+                    full
+                }
+                Err(Behind::NotReady) => false,
+                Err(Behind::Position) => {
+                    // Older than the shared buffer: read the log by position, then rejoin.
+                    let level = tail.head();
+                    let page = read_page(
+                        self.app.store(),
+                        &self.stream,
+                        self.after,
+                        self.keys.as_deref(),
+                        self.batch,
+                        "subscriber",
+                    )
+                    .await;
+                    let frames = match page {
+                        Ok(f) => f,
+                        Err(e) => {
+                            metrics().error("live", e.code());
+                            tracing::warn!(stream = %self.stream, error = %e, "live read failed; retrying");
+                            tokio::select! {
+                                _ = tokio::time::sleep(self.poll.max(Duration::from_millis(500))) => continue,
+                                _ = self.tx.closed() => return,
+                            }
+                        }
+                    };
+                    let full = frames.len() == self.batch;
+                    for f in frames {
+                        let seq = f.seq;
+                        if self.send(f.sse()).await.is_err() {
+                            return;
+                        }
+                        self.after = seq;
+                    }
+                    if !full {
+                        // The page held everything the log had, which includes everything
+                        // the tail held before the read.
+                        self.after = self.after.max(level);
+                    }
+                    true
                 }
             };
-            let full = items.len() == self.batch;
-            for item in items {
-                let seq = item.seq();
-                let kind = match &item {
-                    Item::Event(_) => "event",
-                    Item::Snapshot(_) => "snapshot",
-                };
-                let data = match serde_json::to_string(&item) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot encode live item");
-                        return;
-                    }
-                };
-                let ev = Event::default().id(seq.to_string()).event(kind).data(data);
-                match self.tx.send_timeout(ev, self.send_timeout).await {
-                    Ok(()) => self.after = seq,
-                    Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                        metrics().error("live", "slow_subscriber_dropped");
-                        tracing::info!(stream = %self.stream, after = self.after, "dropping a live subscriber that does not read");
-                        return;
-                    }
-                    Err(mpsc::error::SendTimeoutError::Closed(_)) => return,
-                }
-            }
-            if full {
+            if more {
                 continue;
             }
             tokio::select! {

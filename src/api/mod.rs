@@ -4,7 +4,9 @@
 //! * [`sync`] — missing events for a state vector, one document's events, state and
 //!   write checkpoint, streams;
 //! * [`clients`] — registration and acknowledged vectors (`UpdateVectorClock`);
-//! * [`live`] — live subscriptions (SSE) resumable by position;
+//! * [`live`] — live subscriptions (SSE) resumable by position, fed by [`tail`] (one shared
+//!   reader of the log per stream, handed appended events by this replica's appender);
+//! * [`frames`] — items encoded once from raw BSON, shared by subscribers and catch-up;
 //! * [`error`] — the typed [`ApiError`] and JSON error bodies;
 //! * [`model`] — the JSON shapes (documents and patches in the type-preserving
 //!   representation of [`crate::diff::repr`]).
@@ -22,9 +24,11 @@ pub mod auth;
 pub mod cli;
 pub mod clients;
 pub mod error;
+pub mod frames;
 pub mod live;
 pub mod model;
 pub mod sync;
+pub mod tail;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
@@ -65,8 +69,13 @@ pub struct SyncConfig {
     pub cors_origins: Vec<String>,
     /// How often live readers poll the log when not woken by a local append, milliseconds.
     pub tail_poll_ms: u64,
-    /// Items buffered per live subscriber (also the read batch of its tail).
+    /// Items buffered per live subscriber (also its read batch when it reads the log).
     pub live_buffer: usize,
+    /// Most items in the shared tail's buffer of recent events, per stream; subscribers and
+    /// `/v1/sync/missing` requests within it are served from memory.
+    pub tail_buffer: usize,
+    /// Most bytes in the shared tail's buffer, per stream.
+    pub tail_buffer_bytes: usize,
     /// A live subscriber that takes no item for this long is dropped, milliseconds.
     pub live_send_timeout_ms: u64,
     /// Interval of SSE keep-alive comments on idle subscriptions, milliseconds.
@@ -88,6 +97,8 @@ impl Default for SyncConfig {
             cors_origins: Vec::new(),
             tail_poll_ms: 200,
             live_buffer: 64,
+            tail_buffer: 10_000,
+            tail_buffer_bytes: 16 * 1024 * 1024,
             live_send_timeout_ms: 10_000,
             keep_alive_ms: 15_000,
             max_concurrent_catchups: 64,
@@ -113,6 +124,13 @@ impl SyncConfig {
         in_range("sync.max_subscribers", self.max_subscribers, 1, 1_000_000)?;
         in_range("sync.tail_poll_ms", self.tail_poll_ms, 10, 60_000)?;
         in_range("sync.live_buffer", self.live_buffer, 1, 10_000)?;
+        in_range("sync.tail_buffer", self.tail_buffer, 1, 10_000_000)?;
+        in_range(
+            "sync.tail_buffer_bytes",
+            self.tail_buffer_bytes,
+            64 * 1024,
+            16 * 1024 * 1024 * 1024,
+        )?;
         in_range(
             "sync.live_send_timeout_ms",
             self.live_send_timeout_ms,
@@ -166,7 +184,7 @@ pub struct AppState {
 
 struct Inner {
     store: Store,
-    publisher: Publisher,
+    tails: tail::Tails,
     config: SyncConfig,
     streams: Vec<String>,
     subscribers: AtomicUsize,
@@ -201,8 +219,17 @@ impl AppState {
         let catchups = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_catchups));
         Self {
             inner: Arc::new(Inner {
+                tails: tail::Tails::new(
+                    store.clone(),
+                    publisher,
+                    tail::TailConfig {
+                        poll: std::time::Duration::from_millis(config.tail_poll_ms),
+                        max_items: config.tail_buffer,
+                        max_bytes: config.tail_buffer_bytes,
+                    },
+                    shutdown.clone(),
+                ),
                 store,
-                publisher,
                 config,
                 streams,
                 subscribers: AtomicUsize::new(0),
@@ -235,6 +262,10 @@ impl AppState {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+    /// The shared live tails.
+    pub fn tails(&self) -> &tail::Tails {
+        &self.inner.tails
     }
     /// The settings.
     pub fn config(&self) -> &SyncConfig {

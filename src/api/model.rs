@@ -398,11 +398,10 @@ pub struct MissingRequest {
     pub limit: Option<i64>,
 }
 
-/// Response of `POST /v1/sync/missing`.
+/// Response of `POST /v1/sync/missing`, after its `items` (events and snapshots, per
+/// stream in position order), which are written ahead of these fields as pre-encoded JSON.
 #[derive(Debug, Clone, Serialize)]
 pub struct MissingResponse {
-    /// Events and snapshots, per stream in position order.
-    pub items: Vec<Item>,
     /// True when more pages follow.
     pub has_more: bool,
     /// Pass to the next request.

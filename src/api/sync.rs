@@ -2,14 +2,19 @@
 //! write checkpoints, streams.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bson::{doc, Bson};
 use serde::{Deserialize, Serialize};
 
 use super::auth::Caller;
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use super::frames::{read_page, Frame};
 use super::model::{
     parse_key, EventOut, Item, MissingRequest, MissingResponse, NoticeOut, SnapshotOut,
     SnapshotReason,
@@ -18,65 +23,88 @@ use super::AppState;
 use crate::mongo::clients::StateVector;
 use crate::mongo::Store;
 
-/// Events and compaction snapshots of a stream after `after`, merged by position, at most
-/// `limit`. Events are read before snapshots: compaction writes a snapshot before deleting
-/// the events it replaces, so whatever it deletes meanwhile is found as a snapshot.
-pub async fn merged_page(
-    store: &Store,
+/// An item of a `/v1/sync/missing` page: encoded once (stream mode, from the tail's buffer
+/// or the log), or built for one document (document mode).
+enum Out {
+    Frame(Arc<Frame>),
+    Item(Box<Item>),
+}
+
+impl Out {
+    fn compacted(&self) -> bool {
+        match self {
+            Out::Frame(f) => f.snapshot,
+            Out::Item(i) => {
+                matches!(&**i, Item::Snapshot(s) if s.reason == SnapshotReason::Compacted)
+            }
+        }
+    }
+}
+
+/// Staleness beyond which the tail's buffer is not used to answer `/v1/sync/missing`.
+fn tail_staleness(app: &AppState) -> Duration {
+    Duration::from_millis(app.config().tail_poll_ms.saturating_mul(10)).max(Duration::from_secs(5))
+}
+
+/// Items of a whole stream after `after`, at most `limit`: from the stream's shared tail
+/// when its buffer covers the position, else from the log (events merged with compaction
+/// snapshots by position).
+/// A client that compaction passed (it has a notice for the stream) is always answered
+/// from the log, which holds the snapshots it was told to expect.
+async fn stream_page(
+    app: &AppState,
     stream: &str,
     after: i64,
-    keys: Option<&[String]>,
     limit: usize,
-) -> Result<Vec<Item>, ApiError> {
-    let mut filter = doc! { "stream": stream, "seq": { "$gt": after } };
-    if let Some(keys) = keys {
-        filter.insert("doc_key", doc! { "$in": keys.to_vec() });
-    }
-    // Compaction stores a snapshot before it deletes the events it replaces. Snapshots read
-    // before and after the events, and found the same, are therefore consistent with them:
-    // no event of the page lacks the snapshot it follows. Otherwise the page is read again.
-    let mut attempts = 0;
-    let (events, snaps) = loop {
-        attempts += 1;
-        let before = store
-            .snapshots_after(stream, after, keys, limit as i64)
-            .await?;
-        let events = store
-            .find_events(filter.clone(), doc! { "seq": 1 }, limit as i64)
-            .await?;
-        let snaps = store
-            .snapshots_after(stream, after, keys, limit as i64)
-            .await?;
-        let same = before.len() == snaps.len()
-            && before
-                .iter()
-                .zip(&snaps)
-                .all(|(a, b)| a.doc_key == b.doc_key && a.version == b.version);
-        if same {
-            break (events, snaps);
+    passed: bool,
+) -> Result<Vec<Out>, ApiError> {
+    let tail = app.tails().get(stream);
+    if !passed {
+        if let Some(frames) = tail.serve(after, limit, tail_staleness(app)) {
+            return Ok(frames.into_iter().map(Out::Frame).collect());
         }
-        if attempts >= 10 {
-            return Err(ApiError::Unavailable(
-                "compaction kept moving snapshots while the page was read; retry".into(),
-            ));
+    }
+    let frames = read_page(app.store(), stream, after, None, limit, "missing").await?;
+    Ok(frames
+        .into_iter()
+        .map(|f| Out::Frame(Arc::new(f)))
+        .collect())
+}
+
+/// The response body: the items' JSON (pre-encoded where possible), then the other fields.
+fn missing_body(items: &[Out], rest: &MissingResponse) -> Result<Response, ApiError> {
+    let size: usize = items
+        .iter()
+        .map(|i| match i {
+            Out::Frame(f) => f.json().len() + 1,
+            Out::Item(_) => 512,
+        })
+        .sum();
+    let mut b = Vec::with_capacity(size + 512);
+    b.extend_from_slice(b"{\"items\":[");
+    for (n, item) in items.iter().enumerate() {
+        if n > 0 {
+            b.push(b',');
         }
-    };
-    let mut items: Vec<Item> = Vec::with_capacity(events.len() + snaps.len());
-    for e in &events {
-        items.push(Item::Event(EventOut::from_record(e)?));
+        match item {
+            Out::Frame(f) => b.extend_from_slice(f.json()),
+            Out::Item(i) => serde_json::to_writer(&mut b, i)
+                .map_err(|e| ApiError::Internal(format!("cannot encode an item: {e}")))?,
+        }
     }
-    for s in &snaps {
-        items.push(Item::Snapshot(SnapshotOut::from_record(
-            s,
-            SnapshotReason::Compacted,
-        )));
-    }
-    // A snapshot and an event never share a position (the snapshot's is that of a deleted
-    // event); if the deletion has not happened yet, both appear and the snapshot, which
-    // sorts after the event, restates the same version.
-    items.sort_by_key(|i| (i.seq(), matches!(i, Item::Snapshot(_))));
-    items.truncate(limit);
-    Ok(items)
+    b.extend_from_slice(b"],");
+    let tail = serde_json::to_vec(rest)
+        .map_err(|e| ApiError::Internal(format!("cannot encode the response: {e}")))?;
+    // `tail` is a JSON object: continue this one with its members.
+    b.extend_from_slice(tail.get(1..).unwrap_or(b"}"));
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        b,
+    )
+        .into_response())
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -123,7 +151,7 @@ pub async fn missing(
     State(app): State<AppState>,
     Caller(who): Caller,
     ApiJson(req): ApiJson<MissingRequest>,
-) -> Result<Json<MissingResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     // Admission control: a slot per catch-up, held until the answer is built.
     let _slot = app.catchup_slot()?;
     if let Some(id) = &req.client_id {
@@ -173,14 +201,21 @@ pub async fn missing(
         None => {
             let mut h = BTreeMap::new();
             for s in vector.streams.keys() {
-                h.insert(s.clone(), app.store().last_seq(s).await?);
+                // The head of a tail that is level with the log is never past the log's
+                // (it holds only durable events), so it is a safe head to report.
+                let tail = app.tails().get(s);
+                let head = match tail.serve(i64::MAX, 1, tail_staleness(&app)) {
+                    Some(_) => tail.head(),
+                    None => app.store().last_seq(s).await?,
+                };
+                h.insert(s.clone(), head);
             }
             h
         }
     };
 
     let store = app.store();
-    let mut items: Vec<Item> = Vec::new();
+    let mut items: Vec<Out> = Vec::new();
     let mut positions = BTreeMap::new();
     let mut next: Option<Cursor> = None;
     'streams: for (stream, st) in &vector.streams {
@@ -208,8 +243,14 @@ pub async fn missing(
                 });
                 break 'streams;
             }
-            let page = merged_page(store, stream, after, None, room).await?;
-            let last = page.last().map_or(after, Item::seq);
+            let passed = client
+                .as_ref()
+                .is_some_and(|c| c.notices.iter().any(|n| &n.stream == stream));
+            let page = stream_page(&app, stream, after, room, passed).await?;
+            let last = page.last().map_or(after, |o| match o {
+                Out::Frame(f) => f.seq,
+                Out::Item(i) => i.seq(),
+            });
             let full = page.len() == room;
             items.extend(page);
             positions.insert(stream.clone(), last);
@@ -251,7 +292,7 @@ pub async fn missing(
                 }
                 let (page, done_at, complete) =
                     doc_items(store, stream, &dv.id, key, after, resumed, room).await?;
-                items.extend(page);
+                items.extend(page.into_iter().map(|i| Out::Item(Box::new(i))));
                 if !complete {
                     next = Some(Cursor {
                         h: heads.clone(),
@@ -272,22 +313,22 @@ pub async fn missing(
             .entry(stream.clone())
             .or_insert_with(|| st.position.unwrap_or(0));
     }
-    let compacted = items
-        .iter()
-        .any(|i| matches!(i, Item::Snapshot(s) if s.reason == SnapshotReason::Compacted));
+    let compacted = items.iter().any(Out::compacted);
     let notices: Vec<NoticeOut> = client
         .as_ref()
         .map(|c| c.notices.iter().map(NoticeOut::from).collect())
         .unwrap_or_default();
-    Ok(Json(MissingResponse {
-        items,
-        has_more: next.is_some(),
-        next_cursor: next.as_ref().map(encode_cursor),
-        positions,
-        compacted,
-        reset_required: !notices.is_empty(),
-        notices,
-    }))
+    missing_body(
+        &items,
+        &MissingResponse {
+            has_more: next.is_some(),
+            next_cursor: next.as_ref().map(encode_cursor),
+            positions,
+            compacted,
+            reset_required: !notices.is_empty(),
+            notices,
+        },
+    )
 }
 
 /// The items one document needs after version `after`: a snapshot when the client holds

@@ -83,6 +83,28 @@ struct Args {
     /// `[compaction]` keys).
     #[arg(long, default_value = "")]
     extra_config: String,
+    /// Phases to run (comma-separated): raw, daemon, latency, tracking, fanout, serve.
+    /// `daemon` needs `raw` (the ratio); the others run alone.
+    #[arg(long, value_delimiter = ',', default_values_t = ["raw", "daemon", "latency", "tracking", "fanout", "serve"].map(String::from).to_vec())]
+    phases: Vec<String>,
+    /// Live fan-out: numbers of SSE subscribers on one replica (one run each).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 100, 1000])]
+    fanout: Vec<usize>,
+    /// Live fan-out: paced write rate, writes/s.
+    #[arg(long, default_value_t = 100)]
+    fanout_rate: u64,
+    /// Live fan-out: duration of the paced load per subscriber count, seconds.
+    #[arg(long, default_value_t = 10)]
+    fanout_secs: u64,
+    /// Catch-up serving: events in the served log.
+    #[arg(long, default_value_t = 30_000)]
+    serve_events: usize,
+    /// Catch-up serving: concurrent clients.
+    #[arg(long, default_value_t = 50)]
+    serve_clients: usize,
+    /// Catch-up serving: duration of each concurrent run, seconds.
+    #[arg(long, default_value_t = 10)]
+    serve_secs: u64,
     /// Where to write the JSON results.
     #[arg(long, default_value = "results.json")]
     out: PathBuf,
@@ -155,7 +177,7 @@ impl DaemonProc {
         text += &format!("[pipeline]\n{pipeline}\n\n");
         text += &format!(
             "[lease]\nttl_ms = 3000\nrenew_ms = 1000\nholder_id = \"bench\"\n\n\
-             [sync]\nlisten = \"127.0.0.1:{sync_port}\"\ntokens = [{token:?}]\ntail_poll_ms = 50\n\n\
+             [sync]\nlisten = \"127.0.0.1:{sync_port}\"\ntokens = [{token:?}]\ntail_poll_ms = 50\nmax_subscribers = 5000\n\n\
              [ops]\nlisten = \"127.0.0.1:{ops_port}\"\n\n[log]\nlevel = \"warn\"\n"
         );
         text += &format!("\n{extra}\n");
@@ -316,6 +338,110 @@ async fn http_get(port: u16, path: &str, token: Option<&str>) -> Result<String> 
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default())
+}
+
+/// A minimal HTTP/1.0 POST of a JSON body; returns the status and the body.
+async fn http_post(port: u16, path: &str, token: &str, body: &[u8]) -> Result<(u16, Vec<u8>)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.set_nodelay(true)?;
+    let head = format!(
+        "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut req = head.into_bytes();
+    req.extend_from_slice(body);
+    s.write_all(&req).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf)).await??;
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no HTTP header end")?;
+    let status = std::str::from_utf8(&buf[..end])?
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, buf[end + 4..].to_vec()))
+}
+
+/// The sum of the samples of a metric (all label sets); `None` when the daemon does not
+/// export it.
+fn metric_total(text: &str, name: &str) -> Option<f64> {
+    let mut found = false;
+    let mut sum = 0.0;
+    for l in text.lines() {
+        if l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' ')) {
+            found = true;
+            sum += l
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
+    }
+    found.then_some(sum)
+}
+
+/// The cumulative buckets `(le, count)` of a histogram for one label set.
+fn histogram_buckets(text: &str, name: &str, label: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{");
+    let mut out: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains(label))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let n = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le, n))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
+/// The bucket bound under which a fraction `q` of the requests between two scrapes fell
+/// (seconds), from the daemon's own latency histogram.
+fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let b = before.iter().find(|(l, _)| l == le).map_or(0.0, |x| x.1);
+            (*le, n - b)
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    delta
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map(|(le, _)| *le)
+}
+
+/// Operations the server has served (serverStatus `opcounters`), when it reports them.
+async fn server_ops(client: &mongodb::Client) -> Option<i64> {
+    let s = client
+        .database("admin")
+        .run_command(doc! { "serverStatus": 1 })
+        .await
+        .ok()?;
+    let ops = s.get_document("opcounters").ok()?;
+    Some(
+        ops.iter()
+            .filter_map(|(_, v)| match v {
+                Bson::Int32(n) => Some(i64::from(*n)),
+                Bson::Int64(n) => Some(*n),
+                Bson::Double(n) => Some(*n as i64),
+                _ => None,
+            })
+            .sum(),
+    )
 }
 
 /// Waits until the daemon's first checkpoint of `stream` (the change stream is open).
@@ -778,6 +904,480 @@ async fn latency_phase(
     }))
 }
 
+/// The position of the last event of a stream (0 when empty).
+async fn log_head(client: &mongodb::Client, event_db: &str, stream: &str) -> Result<i64> {
+    let last = client
+        .database(event_db)
+        .collection::<Document>("events")
+        .find_one(doc! { "stream": stream })
+        .sort(doc! { "seq": -1 })
+        .projection(doc! { "seq": 1 })
+        .await?;
+    Ok(last
+        .and_then(|d| eventsync::mongo::get_int(&d, "seq"))
+        .unwrap_or(0))
+}
+
+/// What one SSE subscriber of the fan-out phase saw: `(position, arrival µs)` per event.
+#[derive(Default)]
+struct Recorder {
+    seen: std::sync::Mutex<Vec<(i64, i64)>>,
+    last: std::sync::atomic::AtomicI64,
+    out_of_order: std::sync::atomic::AtomicU64,
+}
+
+/// One SSE subscriber from `after`, recording the position and arrival of every event.
+async fn sse_recorder(
+    port: u16,
+    token: String,
+    stream: String,
+    after: i64,
+    connected: Arc<std::sync::atomic::AtomicUsize>,
+    rec: Arc<Recorder>,
+) -> Result<()> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.set_nodelay(true)?;
+    s.write_all(
+        format!(
+            "GET /v1/streams/{stream}/live?after={after} HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).await?;
+    if !line.contains(" 200") {
+        return Err(format!("live endpoint answered {line:?}").into());
+    }
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await? == 0 || line.trim().is_empty() {
+            break;
+        }
+    }
+    connected.fetch_add(1, SeqCst);
+    rec.last.store(after, SeqCst);
+    let mut last = after;
+    // Cheap parsing (the bench shares the machine): find "id: N" at line starts.
+    let mut buf: Vec<u8> = r.buffer().to_vec();
+    let mut s = r.into_inner();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let mut start = 0;
+        while let Some(pos) = buf[start..].windows(4).position(|w| w == b"id: ") {
+            let at_line_start = start + pos == 0 || buf[start + pos - 1] == b'\n';
+            let from = start + pos + 4;
+            let Some(nl) = buf[from..].iter().position(|b| *b == b'\n') else {
+                start += pos;
+                break;
+            };
+            if at_line_start {
+                let seq: i64 = std::str::from_utf8(&buf[from..from + nl])?.trim().parse()?;
+                if seq != last + 1 {
+                    rec.out_of_order.fetch_add(1, SeqCst);
+                }
+                last = seq;
+                if let Ok(mut seen) = rec.seen.lock() {
+                    seen.push((seq, now_micros()));
+                }
+                rec.last.store(seq, SeqCst);
+            }
+            start = from + nl;
+        }
+        // Keep an unfinished line for the next read.
+        let keep = buf[start..]
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(start, |p| start + p + 1);
+        buf.drain(..keep);
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Live fan-out: `n` SSE subscribers on one replica while paced writes run; write →
+/// subscriber latency over every (subscriber, write), and the log reads and server
+/// operations per event.
+async fn fanout_phase(
+    client: &mongodb::Client,
+    db: &mongodb::Database,
+    event_db: &str,
+    daemon: &DaemonProc,
+    a: &Args,
+    n: usize,
+) -> Result<Value> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let stream = format!("{}.fan", db.name());
+    let coll = db.collection::<Document>("fan");
+    wait_streaming(client, event_db, &stream, daemon).await?;
+    let docs = 200usize;
+    if coll.estimated_document_count().await? == 0 {
+        let d: Vec<Document> = (0..docs)
+            .map(|i| doc! { "_id": format!("f{i}"), "n": 0_i32, "payload": payload(a.doc_size_small, i), "version": 1_i64, "_origin": "bench-fan" })
+            .collect();
+        coll.insert_many(d).await?;
+        wait_done(daemon, &stream, docs as u64, Duration::from_secs(300)).await?;
+    }
+    let head0 = log_head(client, event_db, &stream).await?;
+    let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let recs: Vec<Arc<Recorder>> = (0..n).map(|_| Arc::new(Recorder::default())).collect();
+    let mut tasks = Vec::new();
+    for rec in &recs {
+        tasks.push(tokio::spawn(sse_recorder(
+            daemon.sync_port,
+            daemon.token.clone(),
+            stream.clone(),
+            head0,
+            connected.clone(),
+            rec.clone(),
+        )));
+        if tasks.len() % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let t0 = Instant::now();
+    while connected.load(SeqCst) < n && t0.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let subscribed = connected.load(SeqCst);
+    // Let every subscription settle before measuring.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m0 = daemon.metrics().await;
+    let reads0 = metric_total(&m0, "eventsync_log_reads_total");
+    let ops0 = server_ops(client).await;
+    let cpu0 = daemon.cpu_secs();
+
+    let writer = SyncCollection::<Document>::new(coll.clone(), SyncOptions::new("bench-fan"))?;
+    let total = a.fanout_rate * a.fanout_secs;
+    let concurrency = 16usize;
+    let writes: Arc<Mutex<Vec<(String, i64, i64)>>> = Arc::new(Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let mut wtasks = Vec::new();
+    for w in 0..concurrency {
+        let (writer, writes, rate) = (writer.clone_handle(), writes.clone(), a.fanout_rate);
+        wtasks.push(tokio::spawn(async move {
+            let mut k = w as u64;
+            while k < total {
+                let due = start + Duration::from_secs_f64(k as f64 / rate as f64);
+                tokio::time::sleep_until(due.into()).await;
+                let id = format!("f{}", (k as usize) % docs);
+                let key = eventsync::mongo::doc_key(&Bson::String(id.clone()));
+                let t_start = now_micros();
+                if let Ok(v) = writer
+                    .update_one(id, doc! { "$set": { "n": k as i64 } })
+                    .await
+                {
+                    writes.lock().await.push((key, v, t_start));
+                }
+                k += concurrency as u64;
+            }
+        }));
+    }
+    for t in wtasks {
+        t.await?;
+    }
+    let write_secs = start.elapsed().as_secs_f64();
+    let writes = writes.lock().await.clone();
+    // Wait until the log holds every write, then until every subscriber has it all.
+    let t1 = Instant::now();
+    let mut head1 = log_head(client, event_db, &stream).await?;
+    loop {
+        let evs: Vec<Document> = client
+            .database(event_db)
+            .collection::<Document>("events")
+            .find(doc! { "stream": &stream, "seq": { "$gt": head0 } })
+            .projection(doc! { "doc_key": 1, "to_version": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        let mut top: HashMap<String, i64> = HashMap::new();
+        for e in &evs {
+            if let (Ok(k), Some(v)) = (
+                e.get_str("doc_key"),
+                eventsync::mongo::get_int(e, "to_version"),
+            ) {
+                let t = top.entry(k.to_owned()).or_default();
+                *t = (*t).max(v);
+            }
+        }
+        let all = writes
+            .iter()
+            .all(|(k, v, _)| top.get(k).is_some_and(|t| t >= v));
+        head1 = head1.max(log_head(client, event_db, &stream).await?);
+        if all || t1.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while recs.iter().any(|r| r.last.load(SeqCst) < head1) && t1.elapsed() < Duration::from_secs(90)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deliver_secs = start.elapsed().as_secs_f64();
+    let cpu = daemon.cpu_secs() - cpu0;
+    let m1 = daemon.metrics().await;
+    let reads1 = metric_total(&m1, "eventsync_log_reads_total");
+    let ops1 = server_ops(client).await;
+    for t in &tasks {
+        t.abort();
+    }
+    let events = (head1 - head0).max(0);
+    // Which event carries each write: the first of its document with to_version ≥ v.
+    let evs: Vec<Document> = client
+        .database(event_db)
+        .collection::<Document>("events")
+        .find(doc! { "stream": &stream, "seq": { "$gt": head0 } })
+        .projection(doc! { "seq": 1, "doc_key": 1, "to_version": 1 })
+        .await?
+        .try_collect()
+        .await?;
+    let mut by_key: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
+    for e in &evs {
+        if let (Ok(k), Some(v), Some(seq)) = (
+            e.get_str("doc_key"),
+            eventsync::mongo::get_int(e, "to_version"),
+            eventsync::mongo::get_int(e, "seq"),
+        ) {
+            by_key.entry(k.to_owned()).or_default().push((v, seq));
+        }
+    }
+    for l in by_key.values_mut() {
+        l.sort();
+    }
+    let carriers: Vec<(i64, i64)> = writes
+        .iter()
+        .filter_map(|(k, v, t)| {
+            by_key
+                .get(k)
+                .and_then(|l| l.iter().find(|(to, _)| to >= v))
+                .map(|(_, seq)| (*seq, *t))
+        })
+        .collect();
+    let mut lat = Vec::with_capacity(carriers.len() * n);
+    let mut complete = 0;
+    let mut out_of_order = 0;
+    for r in &recs {
+        let seen = r.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        out_of_order += r.out_of_order.load(SeqCst);
+        let got: Vec<i64> = seen.iter().map(|(s, _)| *s).collect();
+        if got == ((head0 + 1)..=head1).collect::<Vec<_>>() {
+            complete += 1;
+        }
+        for (seq, t) in &carriers {
+            if let Ok(i) = seen.binary_search_by_key(seq, |(s, _)| *s) {
+                lat.push((seen[i].1 - t) as f64 / 1000.0);
+            }
+        }
+    }
+    let per_event = |d: Option<f64>| {
+        d.filter(|_| events > 0)
+            .map(|d| round(d / events as f64 * 100.0) / 100.0)
+    };
+    Ok(json!({
+        "subscribers": n,
+        "subscribed": subscribed,
+        "complete_in_order": complete,
+        "out_of_order_or_gap": out_of_order,
+        "target_rate_per_s": a.fanout_rate,
+        "writes": writes.len(),
+        "achieved_rate_per_s": round(writes.len() as f64 / write_secs),
+        "events": events,
+        "write_to_subscriber": percentiles(lat),
+        "delivered_all_secs": round(deliver_secs),
+        "log_reads": reads0.zip(reads1).map(|(a, b)| b - a),
+        "log_reads_per_event": per_event(reads0.zip(reads1).map(|(a, b)| b - a)),
+        "server_ops_per_event": per_event(ops0.zip(ops1).map(|(a, b)| (b - a) as f64)),
+        "daemon_cpu_secs": round(cpu),
+        "daemon_cpu_ms_per_event": if events > 0 { round(cpu * 1000.0 / events as f64) } else { 0.0 },
+    }))
+}
+
+/// Catch-up serving: a large gap paged through by one client (twice: the first pass may
+/// find nothing in memory), then 50 concurrent clients asking for ≤ 1,000 missing events,
+/// near the head and anywhere in the log.
+async fn serve_phase(
+    client: &mongodb::Client,
+    db: &mongodb::Database,
+    event_db: &str,
+    daemon: &DaemonProc,
+    a: &Args,
+) -> Result<Value> {
+    let stream = format!("{}.serve", db.name());
+    let coll = db.collection::<Document>("serve");
+    wait_streaming(client, event_db, &stream, daemon).await?;
+    let mut batch = Vec::with_capacity(1000);
+    for i in 0..a.serve_events {
+        batch.push(doc! { "_id": i as i64, "n": 0_i32, "payload": payload(a.doc_size_small, i), "version": 1_i64, "_origin": "bench-serve" });
+        if batch.len() == 1000 || i + 1 == a.serve_events {
+            coll.insert_many(std::mem::take(&mut batch)).await?;
+        }
+    }
+    wait_done(
+        daemon,
+        &stream,
+        a.serve_events as u64,
+        Duration::from_secs(900),
+    )
+    .await?;
+    // Every insert is its own event: wait until the log holds them all.
+    let t0 = Instant::now();
+    let mut head = log_head(client, event_db, &stream).await?;
+    while head < a.serve_events as i64 && t0.elapsed() < Duration::from_secs(300) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        head = log_head(client, event_db, &stream).await?;
+    }
+    // The bound: a bare driver loop reading the log by position, 1,000 per query, raw.
+    let events_coll = client
+        .database(event_db)
+        .collection::<RawDocumentBuf>("events");
+    let mut raw_reads = Vec::new();
+    for projected in [false, true] {
+        let t = Instant::now();
+        let (mut after, mut n) = (0i64, 0usize);
+        loop {
+            let mut find = events_coll
+                .find(doc! { "stream": &stream, "seq": { "$gt": after } })
+                .sort(doc! { "seq": 1 })
+                .limit(1000)
+                .batch_size(1000);
+            if projected {
+                find = find.projection(doc! { "_id": 0, "token": 0, "cluster_time": 0, "ns": 0 });
+            }
+            let page: Vec<RawDocumentBuf> = find.await?.try_collect().await?;
+            let Some(last) = page.last() else { break };
+            after = last
+                .get_i64("seq")
+                .or_else(|_| last.get_i32("seq").map(i64::from))?;
+            n += page.len();
+        }
+        let secs = t.elapsed().as_secs_f64();
+        raw_reads.push(
+            json!({ "projection": projected, "events": n, "events_per_s": round(n as f64 / secs) }),
+        );
+    }
+    let port = daemon.sync_port;
+    let token = daemon.token.clone();
+    let body = |pos: i64, cursor: Option<&str>| {
+        let mut b = json!({ "vector": { "streams": [ { "stream": &stream, "position": pos } ] }, "limit": 1000 });
+        if let Some(c) = cursor {
+            b["cursor"] = json!(c);
+        }
+        serde_json::to_vec(&b).unwrap_or_default()
+    };
+    let reads = |m: &str| metric_total(m, "eventsync_log_reads_total");
+    // One client pages through the whole log.
+    let mut passes = Vec::new();
+    for pass in 0..2 {
+        let r0 = reads(&daemon.metrics().await);
+        let t = Instant::now();
+        let mut n = 0usize;
+        let mut cursor: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let (status, resp) = http_post(
+                port,
+                "/v1/sync/missing",
+                &token,
+                &body(0, cursor.as_deref()),
+            )
+            .await?;
+            if status != 200 {
+                return Err(format!(
+                    "missing answered {status}: {}",
+                    String::from_utf8_lossy(&resp)
+                )
+                .into());
+            }
+            let v: Value = serde_json::from_slice(&resp)?;
+            n += v["items"].as_array().map_or(0, Vec::len);
+            pages += 1;
+            match v["next_cursor"].as_str() {
+                Some(c) if v["has_more"] == true => cursor = Some(c.to_owned()),
+                _ => break,
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let r1 = reads(&daemon.metrics().await);
+        passes.push(json!({
+            "pass": pass + 1, "items": n, "pages": pages, "secs": round(secs),
+            "events_per_s": round(n as f64 / secs),
+            "log_reads": r0.zip(r1).map(|(a, b)| b - a),
+        }));
+    }
+    // Concurrent clients, each missing ≤ 1,000 events.
+    let mut concurrent = Vec::new();
+    for (name, recent) in [("near_head", true), ("anywhere", false)] {
+        let m0 = daemon.metrics().await;
+        let r0 = reads(&m0);
+        let route = "route=\"/v1/sync/missing\"";
+        let h0 = histogram_buckets(&m0, "eventsync_http_request_duration_seconds", route);
+        let cpu0 = daemon.cpu_secs();
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for c in 0..a.serve_clients {
+            let (token, stream, secs) = (token.clone(), stream.clone(), a.serve_secs);
+            tasks.push(tokio::spawn(async move {
+                use rand::{Rng, SeedableRng};
+                let mut rng = rand::rngs::StdRng::seed_from_u64(c as u64);
+                let mut lat = Vec::new();
+                let mut items = 0usize;
+                let mut errors = 0usize;
+                while start.elapsed() < Duration::from_secs(secs) {
+                    let k = rng.gen_range(1..=1000.min(head.max(1)));
+                    let pos = if recent { head - k } else { rng.gen_range(0..=(head - 1000).max(0)) };
+                    let b = serde_json::to_vec(&json!({ "vector": { "streams": [ { "stream": &stream, "position": pos } ] }, "limit": 1000 })).unwrap_or_default();
+                    let t = Instant::now();
+                    match http_post(port, "/v1/sync/missing", &token, &b).await {
+                        Ok((200, resp)) if !resp.is_empty() => {
+                            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                            // k events are missing (the log does not change meanwhile);
+                            // the tests check the items themselves.
+                            items += (head - pos).min(1000) as usize;
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                (lat, items, errors)
+            }));
+        }
+        let mut lat = Vec::new();
+        let (mut items, mut errors) = (0, 0);
+        for t in tasks {
+            let (l, i, e) = t.await?;
+            lat.extend(l);
+            items += i;
+            errors += e;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let m1 = daemon.metrics().await;
+        let r1 = reads(&m1);
+        let h1 = histogram_buckets(&m1, "eventsync_http_request_duration_seconds", route);
+        let in_daemon = |q| histogram_quantile(&h0, &h1, q).map(|s| s * 1000.0);
+        let requests = lat.len();
+        concurrent.push(json!({
+            "positions": name, "clients": a.serve_clients, "requests": requests, "errors": errors,
+            "requests_per_s": round(requests as f64 / secs),
+            "events_per_s": round(items as f64 / secs),
+            "latency": percentiles(lat),
+            "in_daemon_p50_ms_at_most": in_daemon(0.5),
+            "in_daemon_p99_ms_at_most": in_daemon(0.99),
+            "log_reads_per_request": r0.zip(r1).map(|(a, b)| round((b - a) / requests.max(1) as f64)),
+            "daemon_cpu_secs": round(daemon.cpu_secs() - cpu0),
+        }));
+    }
+    Ok(json!({
+        "events_in_log": head,
+        "raw_log_read": raw_reads,
+        "large_gap": passes,
+        "concurrent": concurrent,
+    }))
+}
+
 /// Phase 4: RSS of a fresh daemon tracking `--track-docs` documents.
 async fn tracking_phase(
     client: &mongodb::Client,
@@ -957,6 +1557,69 @@ fn table(r: &Value) {
             g(&p("subscriber")).as_str().unwrap_or("-").to_owned(),
         ));
     }
+    for i in 0..g("/fanout").as_array().map_or(0, Vec::len) {
+        let p = |k: &str| format!("/fanout/{i}/{k}");
+        rows.push((
+            format!("live fan-out, {} subscribers", g(&p("subscribers"))),
+            format!(
+                "{} writes/s: write -> subscriber {}; log reads/event {}, server ops/event {}, daemon CPU {} ms/event; {}/{} complete in order",
+                g(&p("achieved_rate_per_s")),
+                lat(&p("write_to_subscriber")),
+                g(&p("log_reads_per_event")),
+                g(&p("server_ops_per_event")),
+                g(&p("daemon_cpu_ms_per_event")),
+                g(&p("complete_in_order")),
+                g(&p("subscribers")),
+            ),
+        ));
+    }
+    if !g("/serve").is_null() {
+        for i in 0..g("/serve/raw_log_read").as_array().map_or(0, Vec::len) {
+            let p = |k: &str| format!("/serve/raw_log_read/{i}/{k}");
+            rows.push((
+                format!(
+                    "raw log read by position (bare driver{})",
+                    if g(&p("projection")) == true {
+                        ", projection"
+                    } else {
+                        ""
+                    }
+                ),
+                format!("{} events/s", g(&p("events_per_s"))),
+            ));
+        }
+        for i in 0..g("/serve/large_gap").as_array().map_or(0, Vec::len) {
+            let p = |k: &str| format!("/serve/large_gap/{i}/{k}");
+            rows.push((
+                format!("catch-up serving, large gap (pass {})", g(&p("pass"))),
+                format!(
+                    "{} events/s ({} events, {} log reads)",
+                    g(&p("events_per_s")),
+                    g(&p("items")),
+                    g(&p("log_reads"))
+                ),
+            ));
+        }
+        for i in 0..g("/serve/concurrent").as_array().map_or(0, Vec::len) {
+            let p = |k: &str| format!("/serve/concurrent/{i}/{k}");
+            rows.push((
+                format!(
+                    "catch-up serving, {} clients, <= 1000 missing, {}",
+                    g(&p("clients")),
+                    g(&p("positions")).as_str().unwrap_or("?")
+                ),
+                format!(
+                    "{} (in the daemon: p50 <= {} / p99 <= {} ms); {} req/s, {} events/s, {} log reads/request",
+                    lat(&p("latency")),
+                    g(&p("in_daemon_p50_ms_at_most")),
+                    g(&p("in_daemon_p99_ms_at_most")),
+                    g(&p("requests_per_s")),
+                    g(&p("events_per_s")),
+                    g(&p("log_reads_per_request"))
+                ),
+            ));
+        }
+    }
     rows.extend([
         (
             "daemon peak RSS (phases 2-3)".into(),
@@ -1049,43 +1712,76 @@ async fn main() -> Result<()> {
             "doc_size_small": a.doc_size_small, "doc_size_large": a.doc_size_large,
             "large_fraction": a.large_fraction, "rate": a.rate, "latency_secs": a.latency_secs,
             "track_docs": a.track_docs, "pipeline": a.pipeline,
+            "phases": a.phases, "fanout": a.fanout, "fanout_rate": a.fanout_rate,
+            "fanout_secs": a.fanout_secs, "serve_events": a.serve_events,
+            "serve_clients": a.serve_clients, "serve_secs": a.serve_secs,
+            "daemon_bin": bin.display().to_string(),
         }),
     );
 
+    let run = |p: &str| a.phases.iter().any(|x| x == p);
     let outcome: Result<()> = async {
-        eprintln!("phase 1/4: raw change-stream read rate");
-        let raw = raw_phase(&db, &a).await?;
-        eprintln!("  {raw}");
         let (config, ops, sync, token) = DaemonProc::write_config(
             &dir,
             &a.uri,
             &event_db,
-            &std::iter::once((app_db.clone(), "tput".to_owned()))
+            &["tput", "fan", "serve"]
+                .iter()
+                .map(|c| (app_db.clone(), c.to_string()))
                 .chain(a.rate.iter().map(|r| (app_db.clone(), format!("paced{r}"))))
                 .collect::<Vec<_>>(),
             &a.pipeline,
             &a.extra_config,
         )?;
         let mut daemon = DaemonProc::start(&bin, config, ops, sync, token)?;
-        eprintln!("phase 2/4: daemon catch-up on the same load");
-        let d = daemon_phase(&client, &db, &event_db, &mut daemon, &a).await?;
-        eprintln!("  {d}");
-        let ratio = d["rate_changes_per_s"].as_f64().unwrap_or(0.0)
-            / raw["read_rate_per_s"].as_f64().unwrap_or(1.0);
-        results.insert("ratio_daemon_to_raw".into(), json!(round(ratio)));
-        results.insert("raw".into(), raw);
-        results.insert("daemon".into(), d);
-        let mut lat = Vec::new();
-        for &rate in &a.rate {
-            eprintln!("phase 3/4: paced latency at {rate} writes/s");
-            let l = latency_phase(&client, &db, &event_db, &daemon, &a, rate).await?;
-            eprintln!("  {l}");
-            lat.push(l);
+        if run("raw") && run("daemon") {
+            eprintln!("phase 1/4: raw change-stream read rate");
+            let raw = raw_phase(&db, &a).await?;
+            eprintln!("  {raw}");
+            eprintln!("phase 2/4: daemon catch-up on the same load");
+            let d = daemon_phase(&client, &db, &event_db, &mut daemon, &a).await?;
+            eprintln!("  {d}");
+            let ratio = d["rate_changes_per_s"].as_f64().unwrap_or(0.0)
+                / raw["read_rate_per_s"].as_f64().unwrap_or(1.0);
+            results.insert("ratio_daemon_to_raw".into(), json!(round(ratio)));
+            results.insert("raw".into(), raw);
+            results.insert("daemon".into(), d);
         }
-        results.insert("latency".into(), Value::Array(lat));
+        if run("latency") {
+            let mut lat = Vec::new();
+            for &rate in &a.rate {
+                eprintln!("phase 3/4: paced latency at {rate} writes/s");
+                let l = latency_phase(&client, &db, &event_db, &daemon, &a, rate).await?;
+                eprintln!("  {l}");
+                lat.push(l);
+            }
+            results.insert("latency".into(), Value::Array(lat));
+        }
+        if run("fanout") && !a.fanout.is_empty() {
+            let mut fan = Vec::new();
+            for &n in &a.fanout {
+                eprintln!(
+                    "live fan-out: {n} subscribers at {} writes/s",
+                    a.fanout_rate
+                );
+                let f = fanout_phase(&client, &db, &event_db, &daemon, &a, n).await?;
+                eprintln!("  {f}");
+                fan.push(f);
+            }
+            results.insert("fanout".into(), Value::Array(fan));
+        }
+        if run("serve") && a.serve_events > 0 {
+            eprintln!(
+                "catch-up serving: {} events, {} clients",
+                a.serve_events, a.serve_clients
+            );
+            let s = serve_phase(&client, &db, &event_db, &daemon, &a).await?;
+            eprintln!("  {s}");
+            results.insert("serve".into(), s);
+        }
         results.insert("daemon_peak_rss_kib".into(), json!(daemon.memory_kib().0));
         daemon.stop();
-        if a.track_docs > 0 {
+        if run("tracking") && a.track_docs > 0 {
             eprintln!("phase 4/4: tracking {} documents", a.track_docs);
             let t = tracking_phase(&client, &db, &bin, &dir, &a).await?;
             eprintln!("  {t}");

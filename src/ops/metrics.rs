@@ -78,6 +78,10 @@ pub struct Metrics {
     pub oplog_headroom: GaugeVec,
     /// Open live subscriptions.
     pub live_subscribers: IntGauge,
+    /// Queries of the event log (events or snapshots by position) made to serve sync
+    /// clients, by reader: `tail` (the shared live tail of a stream), `subscriber` (a live
+    /// subscriber behind the tail's buffer), `missing` (`/v1/sync/missing`).
+    pub log_reads: IntCounterVec,
     /// Events compacted away.
     pub compacted: IntCounterVec,
     /// 1 while MongoDB answers the readiness ping (set by [`crate::ops::Health::set_mongo`]).
@@ -172,6 +176,7 @@ impl Metrics {
                 r.register(Box::new(g.clone())).expect("unique metric");
                 g
             },
+            log_reads: counter(&r, "eventsync_log_reads_total", "Queries of the event log (events or snapshots by position) made to serve sync clients, by reader: tail (the shared live tail of a stream), subscriber (a live subscriber behind the tail's buffer), missing (/v1/sync/missing).", &["reader"]),
             compacted: counter(&r, "eventsync_events_compacted_total", "Events removed by compaction.", &["stream"]),
             mongodb_reachable: {
                 let g = IntGauge::new("eventsync_mongodb_reachable", "1 while MongoDB answers the readiness ping, else 0.").expect("valid metric");
@@ -199,6 +204,9 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         m.start_time.set(unix_now());
+        for reader in ["tail", "subscriber", "missing"] {
+            m.log_reads.with_label_values(&[reader]);
+        }
         m
     }
 

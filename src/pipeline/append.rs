@@ -154,7 +154,10 @@ impl<S: LogStore> Committer<S> {
             .with_label_values(&[stream])
             .set(crate::ops::metrics::unix_now());
         if !batch.events.is_empty() {
-            self.publisher.appended();
+            // Hand the durable events to this replica's live tails (no read-back; copied
+            // only when a tail listens).
+            self.publisher
+                .publish_with(|| std::sync::Arc::from(batch.events.as_slice()));
             for ev in &batch.events {
                 m.events_appended
                     .with_label_values(&[stream, ev.op.as_str()])

@@ -182,8 +182,14 @@ impl Daemon {
             toml_str(&spec.holder)
         );
         let tokens: Vec<String> = spec.tokens.iter().map(|t| toml_str(t)).collect();
+        // 50 ms unless the test sets its own.
+        let poll = if spec.sync_extra.contains("tail_poll_ms") {
+            ""
+        } else {
+            "tail_poll_ms = 50\n"
+        };
         text += &format!(
-            "[sync]\nlisten = \"127.0.0.1:{sync_port}\"\ntokens = [{}]\ntail_poll_ms = 50\n{}\n\n[ops]\nlisten = \"127.0.0.1:{ops_port}\"\nping_interval_ms = 200\n\n[log]\nlevel = \"info,eventsync=debug\"\nformat = {}\n\n",
+            "[sync]\nlisten = \"127.0.0.1:{sync_port}\"\ntokens = [{}]\n{poll}{}\n\n[ops]\nlisten = \"127.0.0.1:{ops_port}\"\nping_interval_ms = 200\n\n[log]\nlevel = \"info,eventsync=debug\"\nformat = {}\n\n",
             tokens.join(", "),
             spec.sync_extra,
             toml_str(&spec.log_format)
