@@ -50,17 +50,19 @@ impl Drop for Daemon {
     }
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// Two different free loopback ports: both listeners are bound before either is released,
+/// so the OS cannot hand out the same port twice.
+fn two_free_ports() -> std::io::Result<(u16, u16)> {
+    let a = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let b = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
 }
 
 fn start_daemon(uri: &str, app_db: &str, event_db: &str) -> Result<(Daemon, String), Error> {
     let bin = std::env::var("EVENTSYNCD_BIN").unwrap_or_else(|_| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/target/debug/eventsyncd").to_owned()
     });
-    let (sync_port, ops_port) = (free_port()?, free_port()?);
+    let (sync_port, ops_port) = two_free_ports()?;
     let dir = std::env::temp_dir().join(format!("eventsync-seed-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("config.toml");
