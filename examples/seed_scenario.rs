@@ -40,13 +40,14 @@ struct GameState {
     version: i64,
 }
 
-/// The daemon process; killed when dropped.
-struct Daemon(Child);
+/// The daemon process and its config directory; killed and removed when dropped.
+struct Daemon(Child, std::path::PathBuf);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
     }
 }
 
@@ -85,7 +86,7 @@ fn start_daemon(uri: &str, app_db: &str, event_db: &str) -> Result<(Daemon, Stri
         .map_err(|e| {
             format!("cannot start {bin} (build it with `cargo build --bin eventsyncd`): {e}")
         })?;
-    Ok((Daemon(child), format!("http://127.0.0.1:{sync_port}")))
+    Ok((Daemon(child, dir), format!("http://127.0.0.1:{sync_port}")))
 }
 
 /// What the sync client holds: one document at a version.
@@ -224,7 +225,7 @@ async fn main() -> Result<(), Error> {
         })
         .await?;
     println!(
-        "updated  v{}: patch {}",
+        "updated  v{}: the thin client's patch of this write (stamp left out): {}",
         u.version,
         serde_json::to_string(&u.patch)?
     );
@@ -236,7 +237,7 @@ async fn main() -> Result<(), Error> {
         })
         .await?;
     println!(
-        "level-up v{}: patch {}",
+        "level-up v{}: the thin client's patch of this write (stamp left out): {}",
         u.version,
         serde_json::to_string(&u.patch)?
     );
@@ -249,6 +250,11 @@ async fn main() -> Result<(), Error> {
         Some(json!({ "description": "seed scenario" })),
     )
     .await?;
+    println!(
+        "the sync client asks the daemon what it is missing; the daemon's events hold the same \
+         operations as the thin client's patches above, plus the stamp's changes (/version; \
+         /_origin when the writer differs); the first event is an insert, a patch applied to {{}}:"
+    );
     let mut held = Held::default();
     let mut cursor: Option<String> = None;
     let positions = loop {
@@ -265,7 +271,7 @@ async fn main() -> Result<(), Error> {
         .await?;
         for item in page["items"].as_array().into_iter().flatten() {
             println!(
-                "  missing {} seq {}: {}",
+                "  daemon's {} seq {}: {}",
                 item["kind"],
                 item["seq"],
                 item.get("patch").unwrap_or(&item["document"])
@@ -317,7 +323,7 @@ async fn main() -> Result<(), Error> {
         })
         .await?;
     println!(
-        "quest    v{}: patch {}",
+        "quest    v{}: the thin client's patch of this write (stamp left out): {}",
         u.version,
         serde_json::to_string(&u.patch)?
     );
