@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mkdir -p .testenv
-log=.testenv/test-output.log
+log="${EVENTSYNC_TEST_LOG:-.testenv/test-output.log}"   # the full output, for the count
 : > "$log"
 started=0
 run_tmp="$(mktemp -d "${TMPDIR:-/tmp}/eventsync-test-run.XXXXXX")"

@@ -25,7 +25,7 @@ ports="$(free_ports 50)"
 [ "$(tr ' ' '\n' <<<"$ports" | sort -u | wc -l)" -eq 50 ] || die "free_ports 50 repeated a port: $ports"
 
 rc=0
-TMPDIR="$WORK/tmp" EVENTSYNC_HARNESS_SELFTEST="$WORK/report" \
+TMPDIR="$WORK/tmp" EVENTSYNC_HARNESS_SELFTEST="$WORK/report" EVENTSYNC_TEST_LOG="$WORK/test-output.log" \
     scripts/test.sh -- harness >"$WORK/out.txt" 2>&1 || rc=$?
 out="$(cat "$WORK/out.txt")"
 show() { tail -n 60 "$WORK/out.txt" >&2; }
