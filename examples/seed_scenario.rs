@@ -40,27 +40,30 @@ struct GameState {
     version: i64,
 }
 
-/// The daemon process; killed when dropped.
-struct Daemon(Child);
+/// The daemon process and its config directory; killed and removed when dropped.
+struct Daemon(Child, std::path::PathBuf);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
     }
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// Two different free loopback ports: both listeners are bound before either is released,
+/// so the OS cannot hand out the same port twice.
+fn two_free_ports() -> std::io::Result<(u16, u16)> {
+    let a = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let b = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
 }
 
 fn start_daemon(uri: &str, app_db: &str, event_db: &str) -> Result<(Daemon, String), Error> {
     let bin = std::env::var("EVENTSYNCD_BIN").unwrap_or_else(|_| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/target/debug/eventsyncd").to_owned()
     });
-    let (sync_port, ops_port) = (free_port()?, free_port()?);
+    let (sync_port, ops_port) = two_free_ports()?;
     let dir = std::env::temp_dir().join(format!("eventsync-seed-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("config.toml");
@@ -83,7 +86,7 @@ fn start_daemon(uri: &str, app_db: &str, event_db: &str) -> Result<(Daemon, Stri
         .map_err(|e| {
             format!("cannot start {bin} (build it with `cargo build --bin eventsyncd`): {e}")
         })?;
-    Ok((Daemon(child), format!("http://127.0.0.1:{sync_port}")))
+    Ok((Daemon(child, dir), format!("http://127.0.0.1:{sync_port}")))
 }
 
 /// What the sync client holds: one document at a version.
@@ -222,7 +225,7 @@ async fn main() -> Result<(), Error> {
         })
         .await?;
     println!(
-        "updated  v{}: patch {}",
+        "updated  v{}: the thin client's patch of this write (stamp left out): {}",
         u.version,
         serde_json::to_string(&u.patch)?
     );
@@ -234,7 +237,7 @@ async fn main() -> Result<(), Error> {
         })
         .await?;
     println!(
-        "level-up v{}: patch {}",
+        "level-up v{}: the thin client's patch of this write (stamp left out): {}",
         u.version,
         serde_json::to_string(&u.patch)?
     );
@@ -247,6 +250,11 @@ async fn main() -> Result<(), Error> {
         Some(json!({ "description": "seed scenario" })),
     )
     .await?;
+    println!(
+        "the sync client asks the daemon what it is missing; the daemon's events hold the same \
+         operations as the thin client's patches above, plus the stamp's changes (/version; \
+         /_origin when the writer differs); the first event is an insert, a patch applied to {{}}:"
+    );
     let mut held = Held::default();
     let mut cursor: Option<String> = None;
     let positions = loop {
@@ -263,7 +271,7 @@ async fn main() -> Result<(), Error> {
         .await?;
         for item in page["items"].as_array().into_iter().flatten() {
             println!(
-                "  missing {} seq {}: {}",
+                "  daemon's {} seq {}: {}",
                 item["kind"],
                 item["seq"],
                 item.get("patch").unwrap_or(&item["document"])
@@ -315,7 +323,7 @@ async fn main() -> Result<(), Error> {
         })
         .await?;
     println!(
-        "quest    v{}: patch {}",
+        "quest    v{}: the thin client's patch of this write (stamp left out): {}",
         u.version,
         serde_json::to_string(&u.patch)?
     );

@@ -164,6 +164,11 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
         workers.push(tokio::spawn(worker.supervise(shutdown.clone())));
     }
     info!(holder = %holder, "eventsyncd running");
+    let ready_log = tokio::spawn(log_when_ready(
+        health.clone(),
+        config.clone(),
+        shutdown.clone(),
+    ));
 
     let mut wait = shutdown.clone();
     let _ = wait.wait_for(|v| *v).await;
@@ -182,6 +187,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
         warn!("streams did not stop within 10 s");
     }
     pinger.abort();
+    ready_log.abort();
     compaction_task.abort();
     oplog_task.abort();
     let _ = tokio::time::timeout(Duration::from_secs(2), api_task).await;
@@ -189,4 +195,40 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
     let _ = Arc::strong_count(&health);
     info!("eventsyncd stopped");
     Ok(())
+}
+
+/// Logs one line, the first time `/readyz` would answer 200, saying where everything is.
+async fn log_when_ready(health: Arc<Health>, config: Config, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        if health.readiness().0 {
+            // A wildcard address is reachable on loopback: print one that can be pasted.
+            let url = |mut addr: std::net::SocketAddr| {
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(if addr.is_ipv4() {
+                        std::net::Ipv4Addr::LOCALHOST.into()
+                    } else {
+                        std::net::Ipv6Addr::LOCALHOST.into()
+                    });
+                }
+                format!("http://{addr}")
+            };
+            let (sync, ops) = (url(config.sync.listen), url(config.ops.listen));
+            let streams: Vec<String> = config.streams.iter().map(|s| s.name()).collect();
+            info!(
+                sync_api = %format!("{sync}/v1"),
+                openapi = %format!("{sync}/v1/openapi.json"),
+                metrics = %format!("{ops}/metrics"),
+                readyz = %format!("{ops}/readyz"),
+                streams = %streams.join(","),
+                "eventsyncd ready: serving {} stream(s) on {sync}/v1 (OpenAPI {sync}/v1/openapi.json); \
+                 metrics {ops}/metrics, readiness {ops}/readyz",
+                streams.len()
+            );
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = shutdown.wait_for(|v| *v) => return,
+        }
+    }
 }

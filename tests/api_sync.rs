@@ -841,7 +841,10 @@ async fn auth_and_limits() {
             json!({ "vector": { "streams": [ { "stream": "no.such" } ] } }),
         )
         .await;
-    assert_eq!(s, 400, "{v}");
+    assert_eq!(
+        s, 404,
+        "an unknown stream is not found, as the OpenAPI document says: {v}"
+    );
     let (s, _) = e
         .api
         .post(
@@ -957,4 +960,83 @@ async fn write_to_live_subscriber_latency() {
         p(0.99),
         lat[lat.len() - 1]
     );
+}
+
+/// A registration's times survive updates: `GET` returns the time of the registration and
+/// of the last change, never the time of the `GET`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_times_survive_updates() {
+    let e = env("api_times", vec![], "", "").await;
+    let (st, created) = e
+        .api
+        .put("/v1/clients/timed", json!({ "description": "first" }))
+        .await;
+    assert_eq!(st, 201, "{created}");
+    let registered = created["registered_at"]
+        .as_str()
+        .expect("registered_at")
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let ack = json!({ "streams": [ { "stream": e.stream, "position": 1 } ] });
+    let (st, acked) = e.api.post("/v1/clients/timed/ack", ack).await;
+    assert_eq!(st, 200, "{acked}");
+    let (st, updated) = e
+        .api
+        .put("/v1/clients/timed", json!({ "description": "second" }))
+        .await;
+    assert_eq!(st, 200, "{updated}");
+    let changed = updated["updated_at"]
+        .as_str()
+        .expect("updated_at")
+        .to_owned();
+    assert_ne!(
+        changed, registered,
+        "the update must move updated_at: {updated}"
+    );
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let (st, got) = e.api.get("/v1/clients/timed").await;
+        assert_eq!(st, 200, "{got}");
+        assert_eq!(got["registered_at"], registered.as_str(), "{got}");
+        assert_eq!(got["updated_at"], changed.as_str(), "{got}");
+        let (_, list) = e.api.get("/v1/clients").await;
+        let listed = list["clients"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["client_id"] == "timed")
+            .cloned()
+            .unwrap_or_else(|| panic!("not listed: {list}"));
+        assert_eq!(listed["registered_at"], registered.as_str(), "{listed}");
+        assert_eq!(listed["updated_at"], changed.as_str(), "{listed}");
+    }
+}
+
+/// A state vector naming a stream the daemon does not serve is answered with 404, as the
+/// OpenAPI document says (`NotFound`: unknown stream, client, document or version).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_stream_in_a_vector_is_404() {
+    let e = env("api_unknown", vec![], "", "").await;
+    let vector = json!({ "streams": [ { "stream": "no_such_db.no_such_coll", "position": 0 } ] });
+    let (st, v) = e
+        .api
+        .post("/v1/sync/missing", json!({ "vector": vector }))
+        .await;
+    assert_eq!(st, 404, "{v}");
+    assert_eq!(v["error"], "not_found", "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no_such_db.no_such_coll"),
+        "{v}"
+    );
+    let (st, _) = e.api.put("/v1/clients/u1", json!({})).await;
+    assert_eq!(st, 201);
+    let (st, v) = e.api.post("/v1/clients/u1/ack", vector.clone()).await;
+    assert_eq!(st, 404, "{v}");
+    // A known stream still works.
+    let ok = json!({ "vector": { "streams": [ { "stream": e.stream, "position": 0 } ] } });
+    let (st, v) = e.api.post("/v1/sync/missing", ok).await;
+    assert_eq!(st, 200, "{v}");
 }

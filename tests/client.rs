@@ -788,3 +788,132 @@ async fn find_many_returns_matching_typed_documents() {
         .unwrap()
         .is_empty());
 }
+
+/// A partial model of a shared document (another service owns `billing` and
+/// `profile.theirs`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct PartialPlayer {
+    _id: String,
+    gold: i64,
+    /// Stored as an Int32 by another writer; modelled as an i64.
+    level: i64,
+    /// Stored as an Int32; modelled as an f64.
+    ratio: f64,
+    profile: PartialProfile,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nickname: Option<String>,
+    version: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct PartialProfile {
+    name: String,
+}
+
+/// The typed `find_one_and_update` writes only what the edit changed: fields the type does
+/// not model survive, untouched values keep their stored BSON type, and the CAS still holds.
+#[tokio::test]
+async fn typed_update_writes_only_what_the_edit_changed() {
+    let coll = fresh("client_partial").await;
+    coll.insert_one(doc! {
+        "_id": "p1",
+        "gold": 100_i64,
+        "level": 3_i32,
+        "ratio": 2_i32,
+        "profile": { "name": "Ada", "theirs": { "since": 2019_i32 } },
+        "nickname": "ada",
+        "billing": { "plan": "gold", "cents": 1999_i32 },
+        "version": 1_i64,
+    })
+    .await
+    .unwrap();
+    let players: SyncCollection<PartialPlayer> = sync(&coll, ClientOptions::new("game"));
+    let updated = players
+        .find_one_and_update("p1", |p| {
+            p.gold += 50;
+            p.profile.name = "Ada L.".into();
+            p.nickname = None;
+        })
+        .await
+        .unwrap();
+    assert_eq!(updated.version, 2);
+    let stored = raw(&coll, "p1").await.unwrap();
+    assert_eq!(
+        stored.get_document("billing").unwrap(),
+        &doc! { "plan": "gold", "cents": 1999_i32 },
+        "a field the type does not model was lost: {stored}"
+    );
+    assert_eq!(
+        stored.get_document("profile").unwrap(),
+        &doc! { "name": "Ada L.", "theirs": { "since": 2019_i32 } },
+        "a nested field the type does not model was lost: {stored}"
+    );
+    assert_eq!(stored.get("level"), Some(&Bson::Int32(3)), "{stored}");
+    assert_eq!(stored.get("ratio"), Some(&Bson::Int32(2)), "{stored}");
+    assert!(
+        !stored.contains_key("nickname"),
+        "removed field kept: {stored}"
+    );
+    assert_eq!(
+        eventsync::mongo::get_int(&stored, "gold"),
+        Some(150),
+        "{stored}"
+    );
+    assert_eq!(origin_of(&stored).as_deref(), Some("game"));
+    // The patch is the write's effect on the stored document, no-op replaces excluded.
+    let json = serde_json::to_string(&updated.patch).unwrap();
+    for untouched in [
+        "/level", "/ratio", "/billing", "/theirs", "/version", "/_origin",
+    ] {
+        assert!(!json.contains(untouched), "{untouched} in {json}");
+    }
+    let before = doc! {
+        "_id": "p1", "gold": 100_i64, "level": 3_i32, "ratio": 2_i32,
+        "profile": { "name": "Ada", "theirs": { "since": 2019_i32 } },
+        "nickname": "ada", "billing": { "plan": "gold", "cents": 1999_i32 },
+    };
+    let replayed = diff::apply(&before, &updated.patch).unwrap();
+    assert_eq!(replayed, without_stamp(&stored));
+
+    // Still a compare-and-swap: a write in between makes the edit run again on the new
+    // state, and the other writer's change survives.
+    let runs = AtomicUsize::new(0);
+    let updated = players
+        .find_one_and_update("p1", |p| {
+            if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                futures_executor_bump(&coll);
+            }
+            p.gold += 1;
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the edit must run again after a conflict"
+    );
+    assert_eq!(updated.version, 4);
+    let stored = raw(&coll, "p1").await.unwrap();
+    assert_eq!(stored.get_str("note").unwrap(), "in between");
+    assert_eq!(stored.get("level"), Some(&Bson::Int32(3)), "{stored}");
+}
+
+/// Bumps the version of `p1` from inside a (synchronous) edit closure, as a concurrent
+/// writer would (its own thread, runtime and driver client: the test's runtime is blocked
+/// in the closure).
+fn futures_executor_bump(coll: &mongodb::Collection<Document>) {
+    let ns = coll.namespace();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let other = client().await;
+            let coll = other.database(&ns.db).collection::<Document>(&ns.coll);
+            raw_bump(&coll, "p1", "in between").await;
+        });
+    })
+    .join()
+    .unwrap();
+}

@@ -254,8 +254,8 @@ impl Drop for Server {
 async fn server_restarts_during_load_lose_nothing() {
     let started = Instant::now();
     let port = free_port();
-    let dir = std::env::temp_dir().join(format!("eventsync-fault-{}", unique_db("srv")));
-    let mut server = Server(launch_server(port, &dir));
+    let dir = TempDir::new("fault");
+    let mut server = Server(launch_server(port, dir.path()));
     let uri = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
     wait_ping(&uri).await;
 
@@ -287,7 +287,7 @@ async fn server_restarts_during_load_lose_nothing() {
     let _ = server.0.kill();
     let _ = server.0.wait();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    server = Server(launch_server(port, &dir));
+    server = Server(launch_server(port, dir.path()));
     wait_ping(&uri).await;
 
     // Down for longer than the lease TTL, then a graceful stop and restart.
@@ -298,7 +298,7 @@ async fn server_restarts_during_load_lose_nothing() {
         .status();
     let _ = server.0.wait();
     tokio::time::sleep(Duration::from_millis(spec.lease_ttl_ms + 500)).await;
-    server = Server(launch_server(port, &dir));
+    server = Server(launch_server(port, dir.path()));
     wait_ping(&uri).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let (writes, events) = stop_load_and_converge(
@@ -327,5 +327,5 @@ async fn server_restarts_during_load_lose_nothing() {
     );
     daemon.kill9();
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
 }

@@ -153,7 +153,7 @@ async fn wait_events(client: &mongodb::Client, event_db: &str, stream: &str, n: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readiness_follows_mongodb_down_and_up() {
-    let dir = std::env::temp_dir().join(format!("eventsync-ready-{}", unique_db("srv")));
+    let dir = TempDir::new("ready");
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
     let server_log = dir.join("server.log");
@@ -231,5 +231,45 @@ async fn readiness_follows_mongodb_down_and_up() {
 
     drop(daemon);
     drop(_server);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
+}
+
+/// Once ready, the daemon says so in its log, with where the sync API, the OpenAPI
+/// document, the metrics and `/readyz` are, and which streams it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_says_when_the_daemon_is_ready_and_where_everything_is() {
+    let (app_db, event_db) = (unique_db("readylog_app"), unique_db("readylog_log"));
+    let daemon = Daemon::start(&DaemonSpec::new(&event_db, &app_db, "items"));
+    wait_readyz(&daemon, 200, Duration::from_secs(60)).await;
+    let sync = daemon.sync_url();
+    let ops = daemon.ops_url();
+    let line = wait_for("the ready line", Duration::from_secs(10), || {
+        let log = daemon.log_text();
+        async move {
+            log.lines()
+                .find(|l| l.contains("eventsyncd ready"))
+                .map(str::to_owned)
+        }
+    })
+    .await;
+    for want in [
+        format!("{sync}/v1"),
+        format!("{sync}/v1/openapi.json"),
+        format!("{ops}/metrics"),
+        format!("{ops}/readyz"),
+        format!("{app_db}.items"),
+    ] {
+        assert!(
+            line.contains(&want),
+            "`{want}` missing from the ready line: {line}"
+        );
+    }
+    assert_eq!(
+        daemon.log_text().matches("eventsyncd ready").count(),
+        1,
+        "said once"
+    );
+    let client = client().await;
+    client.database(&app_db).drop().await.unwrap();
+    client.database(&event_db).drop().await.unwrap();
 }

@@ -31,7 +31,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO"
-. scripts/testenv/lib.sh   # VENV, STATE, ensure_venv, free_port
+. scripts/testenv/lib.sh   # VENV, STATE, ensure_venv, free_ports
 
 log() { printf 'check_prometheus: %s\n' "$*" >&2; }
 die() { printf 'check_prometheus: FAIL: %s\n' "$*" >&2; exit 1; }
@@ -114,11 +114,13 @@ fi
 
 # --- 2. test server and daemon ------------------------------------------------------
 
+# Every port at once (separate free_port calls can return the same port twice).
+read -r MPORT SYNC_PORT OPS_PORT PROM_PORT <<<"$(free_ports 4)"
+
 if [ -n "${EVENTSYNC_TEST_MONGODB_URI:-}" ]; then
     URI="$EVENTSYNC_TEST_MONGODB_URI"
     log "using the test server $URI"
 else
-    MPORT="$(free_port)"
     URI="mongodb://127.0.0.1:$MPORT/?directConnection=true"
     bash scripts/testenv/launch_server.sh "$MPORT" </dev/null >"$TMP/server.log" 2>&1 &
     PIDS+=($!)
@@ -130,8 +132,6 @@ RUN="prom$$_$RANDOM"
 APP_DB="${RUN}_app"
 EVENT_DB="${RUN}_log"
 STREAM="$APP_DB.items"
-SYNC_PORT="$(free_port)"
-OPS_PORT="$(free_port)"
 cat >"$TMP/eventsync.toml" <<EOF
 [mongodb]
 uri = "$URI"
@@ -237,7 +237,6 @@ log "promtool check rules: $(grep -o 'SUCCESS: [0-9]* rules found' "$TMP/promtoo
 
 # --- 6. a real Prometheus server ------------------------------------------------------
 
-PROM_PORT="$(free_port)"
 PROM="http://127.0.0.1:$PROM_PORT"
 cat >"$TMP/prometheus.yml" <<EOF
 global:

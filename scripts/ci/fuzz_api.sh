@@ -26,9 +26,9 @@ fi
 eval "$(scripts/testenv/start.sh 2>/dev/null)"
 cargo build --quiet --bin eventsyncd
 
-free_port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-SYNC_PORT="$(free_port)"
-OPS_PORT="$(free_port)"
+. scripts/testenv/lib.sh   # free_ports
+# Both at once: two free_port calls can return the same port.
+read -r SYNC_PORT OPS_PORT <<<"$(free_ports 2)"
 TOKEN="fuzz-token-$(date +%s)-0123456789"
 SUFFIX="$$_$(date +%s)"
 WORK="$(mktemp -d)"

@@ -60,7 +60,22 @@ abs_path() {
 }
 
 free_port() {
-    "$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    free_ports 1
+}
+
+# free_ports N: N different free loopback ports on one line. All N sockets are bound
+# before any is released, so the OS cannot hand out one port twice (two separate
+# free_port calls can return the same port: a daemon's [sync] and [ops] then collide).
+free_ports() {
+    "$VENV/bin/python" - "$1" <<'PY'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
 }
 
 # ping URI once (exit status)

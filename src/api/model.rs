@@ -99,7 +99,8 @@ impl VectorBody {
         let mut out = StateVector::default();
         for (i, e) in self.streams.iter().enumerate() {
             if !streams.contains(&e.stream) {
-                return Err(ApiError::bad(format!(
+                // 404, as the OpenAPI document says for an unknown stream.
+                return Err(ApiError::NotFound(format!(
                     "streams[{i}].stream: unknown stream {:?}; known: {}",
                     e.stream,
                     streams.join(", ")

@@ -120,10 +120,24 @@ fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
+/// A free loopback port, never one this process handed out before (a daemon started from
+/// an earlier call may not have bound its port yet, and the OS can give it out again).
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..10_000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        if HANDED_OUT
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(port)
+        {
+            return Ok(port);
+        }
+    }
+    Err("no loopback port left that was not handed out already".into())
 }
 
 /// p50, p99, max (and count) of a sample, in milliseconds.

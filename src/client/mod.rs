@@ -27,6 +27,7 @@
 //! ```
 
 mod cache;
+mod changes;
 mod error;
 mod schema;
 pub mod stamp;
@@ -119,8 +120,10 @@ pub struct Updated<T> {
     pub doc: T,
     /// The version after the write (unchanged when the patch is empty).
     pub version: i64,
-    /// The RFC 6902 patch of the edit (type-preserving representation, see
-    /// [`crate::diff::repr`]); empty when the edit changed nothing and nothing was written.
+    /// The RFC 6902 patch from the stored document before the write to the one after,
+    /// stamp fields left out (type-preserving representation, see [`crate::diff::repr`]);
+    /// empty when the edit changed nothing and nothing was written. The daemon's event for
+    /// the same write has these operations plus the stamp's (`version`, `_origin`).
     pub patch: Patch,
 }
 
@@ -254,9 +257,18 @@ where
         }
     }
 
-    /// Reads the document, applies `edit` to a copy and writes it back with a
-    /// compare-and-swap on the version; on conflict re-reads and re-applies `edit`
-    /// (so `edit` may run several times). An edit that changes nothing writes nothing.
+    /// Reads the document, applies `edit` to a copy and writes what the edit changed with
+    /// a compare-and-swap on the version; on conflict re-reads and re-applies `edit` (so
+    /// `edit` may run several times). An edit that changes nothing writes nothing.
+    ///
+    /// Only the edit's own difference is written: `$set` of each field (or nested field)
+    /// it changed or added and `$unset` of each it removed, derived from `T`'s
+    /// serialisation before and after the edit. Fields `T` does not model, and the stored
+    /// BSON types of fields the edit did not touch, are left as they are. (Where a changed
+    /// top-level key cannot be named in an update — it starts with `$` or contains `.` —
+    /// the stored document is replaced by itself with the same changes applied, under the
+    /// same compare-and-swap.) The returned patch goes from the stored document before
+    /// the write to the one after, stamp fields left out.
     pub async fn find_one_and_update<F>(
         &self,
         id: impl Into<Bson>,
@@ -280,38 +292,59 @@ where
             // serialisation (Int32 read into an i64, fields `T` lacks) without any edit.
             let unedited = self.serialize(&value)?;
             edit(&mut value);
-            let mut next = self.serialize(&value)?;
-            let unchanged = next == unedited;
-            next.insert("_id", id.clone());
-            // The patch of the edit alone: compare without the stamp.
-            let patch = diff::diff(&self.unstamped(&current), &self.unstamped(&next));
-            if unchanged || patch.is_empty() {
+            let edited = self.serialize(&value)?;
+            let fields = self.fields();
+            let skip = [
+                "_id",
+                fields.version_field.as_str(),
+                fields.origin_field.as_str(),
+            ];
+            let changed = changes::changes(&unedited, &edited, &skip);
+            if changed.is_empty() {
                 return Ok(Updated {
                     doc: bson::from_document(current)?,
                     version,
                     patch: Patch(Vec::new()),
                 });
             }
-            self.fields()
-                .stamp(&mut next, version + 1, &self.options.client_id);
-            let written = self
-                .coll
-                .find_one_and_replace(
-                    doc! { "_id": id.clone(), self.fields().version_field.as_str(): version },
-                    next,
-                )
-                .with_options(
-                    FindOneAndReplaceOptions::builder()
-                        .return_document(ReturnDocument::After)
-                        .build(),
-                )
-                .await?;
+            let filter = doc! { "_id": id.clone(), fields.version_field.as_str(): version };
+            let written = match changes::to_update(&changed) {
+                Some((mut set, unset)) => {
+                    fields.stamp(&mut set, version + 1, &self.options.client_id);
+                    let mut update = doc! { "$set": set };
+                    if !unset.is_empty() {
+                        update.insert("$unset", unset);
+                    }
+                    self.coll
+                        .find_one_and_update(filter, update)
+                        .with_options(
+                            mongodb::options::FindOneAndUpdateOptions::builder()
+                                .return_document(ReturnDocument::After)
+                                .build(),
+                        )
+                        .await?
+                }
+                None => {
+                    let mut next = changes::apply(&current, &changed);
+                    fields.stamp(&mut next, version + 1, &self.options.client_id);
+                    self.coll
+                        .find_one_and_replace(filter, next)
+                        .with_options(
+                            FindOneAndReplaceOptions::builder()
+                                .return_document(ReturnDocument::After)
+                                .build(),
+                        )
+                        .await?
+                }
+            };
             match written {
                 Some(stored) => {
                     let new_version = self.version(&id, &stored)?;
                     if let Some(cache) = &self.cache {
                         cache.wrote(&key, &stored, new_version);
                     }
+                    // What the write did to the stored document, without the stamp.
+                    let patch = diff::diff(&self.unstamped(&current), &self.unstamped(&stored));
                     return Ok(Updated {
                         doc: bson::from_document(stored)?,
                         version: new_version,

@@ -8,6 +8,11 @@
 //!   notices: [ { stream, through_seq, reason, at } ] }
 //! ```
 //!
+//! Times (`registered_at`, `updated_at`, `at`) are stored as Int64 Unix milliseconds, like
+//! every time the daemon stores: a BSON datetime written through `$set` does not survive
+//! every MongoDB-compatible server. Records written by older versions as BSON datetimes
+//! are read too; a missing or unreadable time is a [`StoreError::Corrupt`], never "now".
+//!
 //! Every change is a read-modify-write guarded by `rev` (compare-and-swap), so concurrent
 //! acknowledgements never lose each other and an older vector never moves an entry back:
 //! the merge takes the maximum per entry. This needs no update operator beyond `$set`, so it
@@ -197,15 +202,16 @@ impl ClientRecord {
             .iter()
             .map(|n| {
                 Bson::Document(doc! {
-                    "stream": &n.stream, "through_seq": n.through_seq, "reason": &n.reason, "at": n.at
+                    "stream": &n.stream, "through_seq": n.through_seq, "reason": &n.reason,
+                    "at": n.at.timestamp_millis()
                 })
             })
             .collect();
         doc! {
             "_id": &self.id,
             "description": self.description.clone().map_or(Bson::Null, Bson::String),
-            "registered_at": self.registered_at,
-            "updated_at": self.updated_at,
+            "registered_at": self.registered_at.timestamp_millis(),
+            "updated_at": self.updated_at.timestamp_millis(),
             "rev": self.rev,
             "vector": self.vector.to_bson(),
             "notices": notices,
@@ -221,40 +227,48 @@ impl ClientRecord {
                 reason: e.to_string(),
             })?
             .to_owned();
-        let notices = d
-            .get_array("notices")
-            .map(|a| {
-                a.iter()
-                    .filter_map(|n| match n {
-                        Bson::Document(n) => Some(Notice {
-                            stream: n.get_str("stream").unwrap_or_default().to_owned(),
-                            through_seq: get_int(n, "through_seq").unwrap_or(0),
-                            reason: n.get_str("reason").unwrap_or_default().to_owned(),
-                            at: n
-                                .get_datetime("at")
-                                .copied()
-                                .unwrap_or_else(|_| DateTime::now()),
-                        }),
-                        _ => None,
-                    })
-                    .collect()
+        let time = |d: &Document, key: &str| {
+            get_time(d, key).ok_or_else(|| StoreError::Corrupt {
+                what: "client",
+                id: id.clone(),
+                reason: format!(
+                    "`{key}` is {:?}; expected Int64 Unix milliseconds",
+                    d.get(key)
+                ),
             })
-            .unwrap_or_default();
+        };
+        let mut notices = Vec::new();
+        for n in d
+            .get_array("notices")
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let Bson::Document(n) = n else { continue };
+            notices.push(Notice {
+                stream: n.get_str("stream").unwrap_or_default().to_owned(),
+                through_seq: get_int(n, "through_seq").unwrap_or(0),
+                reason: n.get_str("reason").unwrap_or_default().to_owned(),
+                at: time(n, "at")?,
+            });
+        }
         Ok(Self {
-            id,
             description: d.get_str("description").ok().map(str::to_owned),
-            registered_at: d
-                .get_datetime("registered_at")
-                .copied()
-                .unwrap_or_else(|_| DateTime::now()),
-            updated_at: d
-                .get_datetime("updated_at")
-                .copied()
-                .unwrap_or_else(|_| DateTime::now()),
+            registered_at: time(d, "registered_at")?,
+            updated_at: time(d, "updated_at")?,
             rev: get_int(d, "rev").unwrap_or(0),
             vector: StateVector::from_bson(d.get("vector")),
             notices,
+            id,
         })
+    }
+}
+
+/// A stored time: Int64 (or Int32/Double, read leniently) Unix milliseconds, or a BSON
+/// datetime written by an older version. `None` when missing or of another type.
+fn get_time(d: &Document, key: &str) -> Option<DateTime> {
+    match d.get(key)? {
+        Bson::DateTime(t) => Some(*t),
+        _ => get_int(d, key).map(DateTime::from_millis),
     }
 }
 
@@ -437,6 +451,45 @@ mod tests {
         let mut out = StateVector::default();
         out.streams.insert(stream.to_owned(), s);
         out
+    }
+
+    #[test]
+    fn times_are_stored_as_milliseconds_and_read_back_exactly() {
+        let t = DateTime::from_millis(1_700_000_000_123);
+        let rec = ClientRecord {
+            id: "c".into(),
+            description: None,
+            registered_at: t,
+            updated_at: DateTime::from_millis(1_700_000_000_456),
+            rev: 2,
+            vector: StateVector::default(),
+            notices: vec![Notice {
+                stream: "s".into(),
+                through_seq: 3,
+                reason: "r".into(),
+                at: t,
+            }],
+        };
+        let d = rec.to_document();
+        assert_eq!(
+            d.get("registered_at"),
+            Some(&Bson::Int64(1_700_000_000_123))
+        );
+        assert_eq!(ClientRecord::from_document(&d).unwrap(), rec);
+        // Older records (BSON datetimes) and small values read back as Int32 still decode.
+        let mut old = d.clone();
+        old.insert("registered_at", t);
+        old.insert("updated_at", Bson::Int32(5));
+        let back = ClientRecord::from_document(&old).unwrap();
+        assert_eq!(back.registered_at, t);
+        assert_eq!(back.updated_at, DateTime::from_millis(5));
+        // A time that is not one is an error, not "now".
+        let mut bad = d.clone();
+        bad.insert("updated_at", "2024-01-01T00:00:00Z");
+        assert!(matches!(
+            ClientRecord::from_document(&bad),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 
     #[test]

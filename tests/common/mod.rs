@@ -5,11 +5,12 @@
 //! (started by `scripts/testenv/start.sh`, or a real `mongod --replSet`).
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bson::{doc, Bson, Document};
@@ -60,12 +61,58 @@ pub async fn client_for(uri: &str) -> mongodb::Client {
     mongodb::Client::with_options(opts).expect("client")
 }
 
-/// A free loopback TCP port.
+/// A free loopback TCP port, never one this process handed out before: the OS may give
+/// back a port that was free when asked but that a daemon started from an earlier call
+/// has not bound yet (e.g. `[sync]` and `[ops]` of one daemon getting the same port).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    for _ in 0..10_000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
+    panic!("no loopback port left that this process has not handed out already")
+}
+
+/// A temporary directory `eventsync-test-…` under the system temp dir, removed on drop.
+/// (`scripts/test.sh` also points `TMPDIR` at a private directory it removes at the end.)
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a new, empty directory named after `prefix`.
+    pub fn new(prefix: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("eventsync-test-{}", unique_db(prefix)));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// A path inside it.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The last `lines` lines of a text file (empty when it cannot be read).
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Polls `check` until it returns `Some` or `timeout` passes.
@@ -144,6 +191,8 @@ pub struct Daemon {
     pub config: PathBuf,
     /// Its log file.
     pub log: PathBuf,
+    /// Its temporary directory (config and log), removed on drop.
+    pub dir: TempDir,
 }
 
 fn toml_str(s: &str) -> String {
@@ -155,8 +204,7 @@ impl Daemon {
     pub fn start(spec: &DaemonSpec) -> Daemon {
         let sync_port = free_port();
         let ops_port = free_port();
-        let dir = std::env::temp_dir().join(format!("eventsync-test-{}", unique_db("d")));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = TempDir::new("d");
         let config = dir.join("config.toml");
         let log = dir.join("daemon.log");
         let mut text = format!(
@@ -213,7 +261,21 @@ impl Daemon {
             ops_port,
             config,
             log,
+            dir,
         }
+    }
+
+    /// What a failing test shows about this daemon: where it listened and the tail of
+    /// its log.
+    pub fn failure_report(&self) -> String {
+        format!(
+            "--- eventsyncd (pid {}, sync port {}, ops port {}): last {DAEMON_LOG_TAIL} lines of {} ---\n{}\n--- end of eventsyncd log ---",
+            self.child.id(),
+            self.sync_port,
+            self.ops_port,
+            self.log.display(),
+            tail(&self.log, DAEMON_LOG_TAIL)
+        )
     }
 
     /// The daemon's log so far.
@@ -264,10 +326,18 @@ impl Daemon {
     }
 }
 
+/// Lines of a daemon's log a failing test prints.
+pub const DAEMON_LOG_TAIL: usize = 40;
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if self.running() {
             self.kill9();
+        }
+        // A test panicked with this daemon alive in its scope: show what the daemon said
+        // (cargo test prints a failing test's captured output) before its directory goes.
+        if std::thread::panicking() {
+            eprintln!("{}", self.failure_report());
         }
     }
 }
