@@ -232,6 +232,8 @@ struct Holder {
     /// holder, as MongoDB's state only moves forward.
     clock: Arc<AtomicUsize>,
     restarts: usize,
+    /// Re-reads of the collection this holder made.
+    rereads: usize,
     rng: StdRng,
 }
 
@@ -261,6 +263,7 @@ impl Holder {
             pos: 0,
             clock: clock.clone(),
             restarts: 0,
+            rereads: 0,
             rng: StdRng::seed_from_u64(seed),
         }
     }
@@ -320,6 +323,7 @@ impl Holder {
             }
         };
         if reread {
+            self.rereads += 1;
             let start = token(self.pos);
             appender
                 .process(&[], Some(start.clone()), Phase::Rereading)
@@ -802,6 +806,33 @@ async fn a_recreated_document_after_history_loss_converges() {
         .find(|e| e.op == Operation::Replace)
         .expect("an event replaced the old incarnation");
     assert_eq!(replaced.from_version, 5);
+}
+
+/// An operator deletes the checkpoint to force a re-read: the restart re-reads the
+/// collection (it does not resume from the log's last token), and the log stays exact.
+#[tokio::test]
+async fn a_deleted_checkpoint_forces_a_reread() {
+    let world = World::generate(5, 40, 5);
+    let base = script(5);
+    let store = MemoryStore::new();
+    let time = clock(base.before_start);
+    let mut a = Holder::new("a", &store, base.seed, &time);
+    assert!(a.acquire().await);
+    a.start(&world, &base).await.expect("start");
+    for _ in 0..5 {
+        a.batch(&world, &base).await.expect("batch");
+    }
+    a.flush().await.expect("flush");
+    assert_eq!(a.rereads, 1, "the initial sync");
+    store.delete_checkpoint(STREAM);
+    a.appender = None;
+    assert!(a.acquire().await);
+    a.run_to_end(&world, &base).await.expect("run");
+    assert_eq!(
+        a.rereads, 2,
+        "the restart without a checkpoint re-read the collection"
+    );
+    check(&store, &world, "checkpoint deleted");
 }
 
 proptest! {

@@ -174,6 +174,11 @@ impl MemoryStore {
         self.lock().checkpoints.get(stream).map(|(_, c)| c.clone())
     }
 
+    /// Deletes a stream's checkpoint (what an operator does to force a re-read).
+    pub fn delete_checkpoint(&self, stream: &str) {
+        self.lock().checkpoints.remove(stream);
+    }
+
     /// Dead letters of a stream.
     pub fn dead_letters(&self, stream: &str) -> Vec<DeadLetter> {
         self.lock()
