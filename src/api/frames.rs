@@ -17,6 +17,7 @@ use super::error::ApiError;
 use super::model::{Item, SnapshotOut, SnapshotReason};
 use crate::diff::repr;
 use crate::mongo::events::EventRecord;
+use crate::mongo::snapshots::SnapshotRecord;
 use crate::mongo::{Store, StoreError};
 use crate::ops::metrics;
 
@@ -295,6 +296,54 @@ pub async fn read_events(
     Ok(out)
 }
 
+/// What a page is read from: the log's events and compaction's snapshots. [`Store`]
+/// reads MongoDB; a test can stand in to move snapshots between the reads.
+pub trait PageSource: Sync {
+    /// Events after `after` (of `keys` only, when given), in position order.
+    fn events(
+        &self,
+        stream: &str,
+        after: i64,
+        keys: Option<&[String]>,
+        limit: usize,
+        reader: &'static str,
+    ) -> impl std::future::Future<Output = Result<Vec<Frame>, ApiError>> + Send;
+
+    /// Snapshots whose position is after `after`, in position order.
+    fn snapshots(
+        &self,
+        stream: &str,
+        after: i64,
+        keys: Option<&[String]>,
+        limit: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<SnapshotRecord>, ApiError>> + Send;
+}
+
+impl PageSource for Store {
+    async fn events(
+        &self,
+        stream: &str,
+        after: i64,
+        keys: Option<&[String]>,
+        limit: usize,
+        reader: &'static str,
+    ) -> Result<Vec<Frame>, ApiError> {
+        read_events(self, stream, after, keys, limit, reader).await
+    }
+
+    async fn snapshots(
+        &self,
+        stream: &str,
+        after: i64,
+        keys: Option<&[String]>,
+        limit: usize,
+    ) -> Result<Vec<SnapshotRecord>, ApiError> {
+        Ok(self
+            .snapshots_after(stream, after, keys, limit as i64)
+            .await?)
+    }
+}
+
 /// Events and compaction snapshots of a stream after `after`, merged by position, at
 /// most `limit` — the items of [`super::sync::merged_page`], encoded.
 ///
@@ -304,15 +353,15 @@ pub async fn read_events(
 /// dense from `after + 1` (or none at all) leave no position a snapshot could stand for —
 /// compaction keeps the newest event of every document, so a snapshot past the last event
 /// read would imply a later event the read would have returned.
-pub async fn read_page(
-    store: &Store,
+pub async fn read_page<P: PageSource>(
+    store: &P,
     stream: &str,
     after: i64,
     keys: Option<&[String]>,
     limit: usize,
     reader: &'static str,
 ) -> Result<Vec<Frame>, ApiError> {
-    let events = read_events(store, stream, after, keys, limit, reader).await?;
+    let events = store.events(stream, after, keys, limit, reader).await?;
     let dense = events
         .iter()
         .enumerate()
@@ -328,14 +377,10 @@ pub async fn read_page(
     let (events, snaps) = loop {
         attempts += 1;
         count_read(reader);
-        let before = store
-            .snapshots_after(stream, after, keys, limit as i64)
-            .await?;
-        let events = read_events(store, stream, after, keys, limit, reader).await?;
+        let before = store.snapshots(stream, after, keys, limit).await?;
+        let events = store.events(stream, after, keys, limit, reader).await?;
         count_read(reader);
-        let snaps = store
-            .snapshots_after(stream, after, keys, limit as i64)
-            .await?;
+        let snaps = store.snapshots(stream, after, keys, limit).await?;
         let same = before.len() == snaps.len()
             && before
                 .iter()
@@ -448,5 +493,100 @@ mod tests {
         d.insert("seq", "x");
         let raw = RawDocumentBuf::from_document(&d).unwrap();
         assert!(raw_event_frame(&raw).is_err());
+    }
+
+    /// A log compacted between a page's reads: the first events read returns the state
+    /// before, then compaction replaces `d`'s snapshot (version 5 → 6) and deletes the
+    /// event it covers. A client at `d`'s version 3 (position 20) must get a snapshot
+    /// before any later event of `d`.
+    struct CompactedMidPage {
+        state: std::sync::Mutex<(Vec<EventRecord>, Vec<SnapshotRecord>, bool)>,
+    }
+
+    fn step(seq: i64, from: i64) -> EventRecord {
+        EventRecord {
+            seq,
+            from_version: from,
+            to_version: from + 1,
+            patch: format!(
+                "[{{\"op\":\"replace\",\"path\":\"/v\",\"value\":{}}}]",
+                from + 1
+            ),
+            ..record(None, false)
+        }
+    }
+
+    fn snapshot(version: i64, seq: i64) -> SnapshotRecord {
+        SnapshotRecord {
+            ns: "db.c\"x".into(),
+            doc_key: crate::mongo::doc_key(&Bson::Int64(7)),
+            doc_id: Bson::Int64(7),
+            version,
+            seq,
+            doc: Some(doc! { "_id": 7_i64, "v": version }),
+            compacted_at: DateTime::from_millis(1_700_000_000_000),
+        }
+    }
+
+    impl PageSource for CompactedMidPage {
+        async fn events(
+            &self,
+            _stream: &str,
+            after: i64,
+            _keys: Option<&[String]>,
+            _limit: usize,
+            _reader: &'static str,
+        ) -> Result<Vec<Frame>, ApiError> {
+            let mut st = self.state.lock().unwrap();
+            let page =
+                st.0.iter()
+                    .filter(|e| e.seq > after)
+                    .map(event_frame)
+                    .collect::<Result<Vec<_>, _>>()?;
+            if !st.2 {
+                // Compaction runs right after this read: snapshot first, then the delete.
+                st.2 = true;
+                st.1 = vec![snapshot(6, 30)];
+                st.0.retain(|e| e.to_version > 6);
+            }
+            Ok(page)
+        }
+
+        async fn snapshots(
+            &self,
+            _stream: &str,
+            after: i64,
+            _keys: Option<&[String]>,
+            _limit: usize,
+        ) -> Result<Vec<SnapshotRecord>, ApiError> {
+            let st = self.state.lock().unwrap();
+            Ok(st.1.iter().filter(|s| s.seq > after).cloned().collect())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_page_never_separates_events_from_the_snapshot_they_follow() {
+        // d: v1..v3 at positions ≤ 20 (the client has v3); v4, v5 compacted into a
+        // snapshot at position 25; v6 at 30 and v7 at 40 still in the log.
+        let source = CompactedMidPage {
+            state: std::sync::Mutex::new((
+                vec![step(30, 5), step(40, 6)],
+                vec![snapshot(5, 25)],
+                false,
+            )),
+        };
+        let page = read_page(&source, "db.c\"x", 20, None, 100, "missing")
+            .await
+            .expect("page");
+        let first = page.first().expect("a page");
+        assert!(
+            first.snapshot,
+            "the first item of the document must be a snapshot, not an event from a version \
+             the client does not hold: {:?}",
+            page.iter().map(|f| (f.seq, f.snapshot)).collect::<Vec<_>>()
+        );
+        // And the events after it continue from the snapshot's version.
+        let seqs: Vec<(i64, bool)> = page.iter().map(|f| (f.seq, f.snapshot)).collect();
+        assert_eq!(seqs, vec![(30, true), (40, false)]);
     }
 }
