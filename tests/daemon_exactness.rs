@@ -36,6 +36,15 @@ async fn lease_holder(client: &mongodb::Client, event_db: &str, stream: &str) ->
         .and_then(|l| l.get_str("holder").ok().map(str::to_owned))
 }
 
+async fn get_json(url: &str) -> serde_json::Value {
+    reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
 /// Every shadow is at its document's last log version: none went backwards.
 async fn assert_shadows_at_log_end(
     client: &mongodb::Client,
@@ -189,7 +198,7 @@ async fn a_document_recreated_while_history_was_lost_converges() {
         .expect("update");
     // More changes than the server keeps, read by another stream so it prunes them.
     let filler = client.database(&app_db).collection::<Document>("items");
-    let mut reader = coll.watch().await.expect("watch");
+    let reader = coll.watch().await.expect("watch");
     let writes = 1300;
     for i in 0..writes {
         filler
@@ -198,14 +207,7 @@ async fn a_document_recreated_while_history_was_lost_converges() {
             .await
             .expect("filler");
     }
-    let mut seen = 0;
-    while seen < writes {
-        match tokio::time::timeout(Duration::from_secs(10), reader.next()).await {
-            Ok(Some(Ok(_))) => seen += 1,
-            other => panic!("reader stopped after {seen}: {other:?}"),
-        }
-    }
-    drop(reader);
+    read_through(reader, writes as usize).await;
 
     let daemon = Daemon::start(&spec);
     wait_converged(&client, &event_db, &coll, Duration::from_secs(90)).await;
@@ -219,42 +221,20 @@ async fn a_document_recreated_while_history_was_lost_converges() {
     assert!(last.to_version > 5, "versions never go back: {p1:?}");
     assert_eq!(last.stamp, Some(3));
 
-    let http = reqwest::Client::new();
     let base = format!(
         "{}/v1/streams/{app_db}.items/documents/p1",
         daemon.sync_url()
     );
-    let state: serde_json::Value = http
-        .get(format!("{base}/state"))
-        .send()
-        .await
-        .expect("state")
-        .json()
-        .await
-        .expect("json");
+    let state = get_json(&format!("{base}/state")).await;
     assert_eq!(
         state.pointer("/document/who").and_then(|w| w.as_str()),
         Some("new"),
         "the state route serves the new incarnation: {state}"
     );
-    let cp: serde_json::Value = http
-        .get(format!("{base}/write-checkpoint?origin=game-1&version=3"))
-        .send()
-        .await
-        .expect("write checkpoint")
-        .json()
-        .await
-        .expect("json");
+    let cp = get_json(&format!("{base}/write-checkpoint?origin=game-1&version=3")).await;
     assert_eq!(cp["reached"], true, "{cp}");
     assert_eq!(cp["seq"], last.seq, "it names the new event: {cp}");
-    let pending: serde_json::Value = http
-        .get(format!("{base}/write-checkpoint?origin=game-1&version=4"))
-        .send()
-        .await
-        .expect("write checkpoint")
-        .json()
-        .await
-        .expect("json");
+    let pending = get_json(&format!("{base}/write-checkpoint?origin=game-1&version=4")).await;
     assert_eq!(pending["status"], "pending", "{pending}");
 }
 

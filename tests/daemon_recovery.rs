@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bson::{doc, Document};
 use common::*;
-use futures_util::StreamExt;
 use rand::Rng;
 
 fn spawn_load(
@@ -126,7 +125,7 @@ async fn lost_history_is_recovered_by_rereading_the_collection() {
 
     // While the daemon is down, more changes than the server keeps in its change history,
     // with another reader moving through them so the server discards the old ones.
-    let mut reader = coll.watch().await.expect("watch");
+    let reader = coll.watch().await.expect("watch");
     let writes = 1300;
     for i in 0..writes {
         let id = i % 30;
@@ -139,14 +138,7 @@ async fn lost_history_is_recovered_by_rereading_the_collection() {
         .expect("write");
     }
     coll.delete_one(doc! { "_id": 999 }).await.unwrap();
-    let mut seen = 0;
-    while seen < writes {
-        match tokio::time::timeout(Duration::from_secs(10), reader.next()).await {
-            Ok(Some(Ok(_))) => seen += 1,
-            other => panic!("reader stopped after {seen}: {other:?}"),
-        }
-    }
-    drop(reader);
+    read_through(reader, writes as usize).await;
 
     let daemon = Daemon::start(&spec);
     let events = wait_converged(&client, &event_db, &coll, Duration::from_secs(90)).await;

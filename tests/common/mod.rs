@@ -582,3 +582,21 @@ pub async fn wait_streaming(client: &mongodb::Client, event_db: &str, stream: &s
     )
     .await;
 }
+
+/// Reads `writes` changes from `reader` (a change stream opened before they were made), so
+/// the test server prunes the history behind them as MongoDB's oplog would roll past it.
+pub async fn read_through(
+    mut reader: mongodb::change_stream::ChangeStream<
+        mongodb::change_stream::event::ChangeStreamEvent<Document>,
+    >,
+    writes: usize,
+) {
+    use futures_util::StreamExt;
+    let mut seen = 0;
+    while seen < writes {
+        match tokio::time::timeout(Duration::from_secs(10), reader.next()).await {
+            Ok(Some(Ok(_))) => seen += 1,
+            other => panic!("reader stopped after {seen}: {other:?}"),
+        }
+    }
+}
