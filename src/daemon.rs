@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::mongo::{Store, StoreError};
 use crate::ops::logging::redact_uri;
 use crate::ops::{health, metrics, Health};
+use crate::pipeline::balance::{run_membership, Balancer};
 use crate::pipeline::publish::Publisher;
 use crate::pipeline::worker::StreamWorker;
 
@@ -142,6 +143,17 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
     for s in &config.streams {
         health.set_role(&s.name(), crate::ops::health::StreamRole::Starting);
     }
+    let balancer = Balancer::new(
+        &holder,
+        config.streams.iter().map(|s| s.name()),
+        Balancer::grace_for(&config.lease),
+    );
+    let membership = tokio::spawn(run_membership(
+        store.clone(),
+        balancer.clone(),
+        config.lease.clone(),
+        shutdown.clone(),
+    ));
     let mut workers = Vec::new();
     for s in &config.streams {
         let worker = StreamWorker {
@@ -154,6 +166,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
             holder: holder.clone(),
             publisher: publisher.clone(),
             health: health.clone(),
+            balancer: balancer.clone(),
         };
         workers.push(tokio::spawn(worker.supervise(shutdown.clone())));
     }
@@ -174,6 +187,13 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
         .is_err()
     {
         warn!("streams did not stop within 10 s");
+    }
+    // After the streams released their leases: the heartbeat goes last.
+    if tokio::time::timeout(Duration::from_secs(2), membership)
+        .await
+        .is_err()
+    {
+        warn!("membership task did not stop within 2 s");
     }
     pinger.abort();
     compaction_task.abort();

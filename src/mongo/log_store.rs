@@ -13,6 +13,7 @@ use mongodb::Collection;
 use super::checkpoints::Checkpoint;
 use super::events::EventRecord;
 use super::lease::{now_ms, Held};
+use super::membership::LeaseView;
 use super::shadows::Shadow;
 use super::{get_flag, get_int, Store, StoreError};
 use crate::client::{is_duplicate_key, StampFields};
@@ -232,6 +233,22 @@ impl LogStore for Store {
             )
             .await?;
         Ok(())
+    }
+
+    async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.heartbeat_impl(replica, ttl).await
+    }
+
+    async fn leave(&self, replica: &str) -> Result<(), StoreError> {
+        self.leave_impl(replica).await
+    }
+
+    async fn live_replicas(&self) -> Result<Vec<String>, StoreError> {
+        self.live_replicas_impl().await
+    }
+
+    async fn lease_views(&self) -> Result<Vec<LeaseView>, StoreError> {
+        self.lease_views_impl().await
     }
 }
 

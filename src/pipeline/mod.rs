@@ -10,6 +10,7 @@
 //! finishes a batch a crash interrupted.
 
 pub mod append;
+pub mod balance;
 pub mod memory_store;
 pub mod publish;
 pub mod recovery;

@@ -6,6 +6,11 @@
 //! only live — by a task that runs beside the whole run; when it is lost, the run is
 //! dropped at once (wherever it is: every point between two writes is safe, see
 //! [`super::store`]) and the appender's [`LeaseGuard`] refuses further writes.
+//!
+//! Balance ([`super::balance`]): the lease is only tried while the [`Balancer`] gives this
+//! replica a slot (under its fair share, or a stream left free past the grace), and
+//! between two batches a run over the share hands its stream over: it returns once the
+//! batch and its checkpoint are stored, and only then is the lease released.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, info_span, warn, Instrument};
 
 use super::append::{Appender, LeaseGuard, Phase};
+use super::balance::{Balancer, Claim};
 use super::publish::Publisher;
 use super::recovery::recover;
 use super::resync::resync;
@@ -88,6 +94,17 @@ pub struct StreamWorker {
     pub publisher: Publisher,
     /// Health state.
     pub health: Arc<Health>,
+    /// This replica's share of the streams.
+    pub balancer: Arc<Balancer>,
+}
+
+/// How a run that kept its lease ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunEnd {
+    /// Shutdown was requested.
+    Shutdown,
+    /// This replica is over its fair share: the stream is handed over.
+    HandOver,
 }
 
 async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) {
@@ -107,9 +124,19 @@ impl StreamWorker {
             let mut backoff = base;
             self.health.set_role(&self.name, StreamRole::Starting);
             while !*shutdown.borrow() {
+                // Counted in this replica's share from the attempt until the lease is
+                // released (dropped at the end of the iteration).
+                let Some(slot) = self.balancer.claim(&self.name) else {
+                    self.health.set_role(&self.name, StreamRole::StandingBy);
+                    sleep_or_shutdown(self.lease.renew(), &mut shutdown).await;
+                    continue;
+                };
                 match self.store.acquire_lease(&self.name, &self.holder, self.lease.ttl()).await {
                     Ok(Some(held)) => {
-                        info!(epoch = held.epoch, holder = %self.holder, "lease acquired; consuming");
+                        info!(epoch = held.epoch, holder = %self.holder, claim = ?slot.claim, "lease acquired; consuming");
+                        if slot.claim == Claim::Orphaned {
+                            m.rebalances.with_label_values(&["orphan_taken"]).inc();
+                        }
                         m.lease_held.with_label_values(&[&self.name]).set(1);
                         m.lease_acquired.with_label_values(&[&self.name]).inc();
                         self.health.set_role(&self.name, StreamRole::Consuming);
@@ -131,11 +158,21 @@ impl StreamWorker {
                         drop(renewer);
                         m.lease_held.with_label_values(&[&self.name]).set(0);
                         match result {
-                            Ok(()) => {
+                            Ok(end) => {
+                                // The run has stopped writing: only now is the lease let go.
                                 if let Err(e) = self.store.release_lease(&self.name, &self.holder, held.epoch).await {
+                                    m.error("lease", e.kind());
                                     warn!(error = %e, "could not release the lease; it expires on its own");
                                 }
-                                break;
+                                if end == RunEnd::Shutdown {
+                                    break;
+                                }
+                                m.rebalances.with_label_values(&["handed_over"]).inc();
+                                info!(epoch = held.epoch, held = self.balancer.held().saturating_sub(1), "over the fair share: stream handed over");
+                                self.health.set_role(&self.name, StreamRole::StandingBy);
+                                drop(slot);
+                                sleep_or_shutdown(self.lease.renew(), &mut shutdown).await;
+                                backoff = base;
                             }
                             Err(WorkerError::Reopen(why)) => {
                                 warn!(%why, "re-opening the stream and re-reading the collection");
@@ -174,7 +211,7 @@ impl StreamWorker {
         &self,
         guard: LeaseGuard,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<(), WorkerError> {
+    ) -> Result<RunEnd, WorkerError> {
         let m = metrics();
         let stored = self.store.load_checkpoint(&self.name).await?;
         let cp = recover(&self.store, &self.name, &guard, &self.fields, stored).await?;
@@ -250,7 +287,7 @@ impl StreamWorker {
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {
                         info!(seq = appender.checkpoint.seq, "shutting down: checkpoint stored");
-                        return Ok(());
+                        return Ok(RunEnd::Shutdown);
                     }
                 }
                 n = rx.recv_many(&mut items, self.pipeline.batch_size) => {
@@ -262,6 +299,11 @@ impl StreamWorker {
                     self.handle(&mut appender, drained).instrument(batch).await?;
                     let age = (DateTime::now().timestamp_millis() - appender.checkpoint.updated_at.timestamp_millis()) as f64 / 1000.0;
                     m.checkpoint_age.with_label_values(&[&self.name]).set(age.max(0.0));
+                    // Between two batches: the last one and its checkpoint are stored.
+                    if self.balancer.should_yield() {
+                        info!(seq = appender.checkpoint.seq, "handing the stream over: checkpoint stored");
+                        return Ok(RunEnd::HandOver);
+                    }
                 }
             }
         }
