@@ -96,6 +96,13 @@ i. Collection lifecycle events (nx emitted none).  ``drop``,
      (nx did: a stream re-opened after a drop brought the collection back);
      the stream starts after the newest change of the database, and tracking
      starts with the write that creates the collection.
+j. A query that combines ``$or`` with other top-level conditions (e.g. a
+   lease claim ``{_id: S, $or: [{holder: H}, {expires_at_ms: {$lte: now}}]}``)
+   keeps every condition: nx's ``findAndModify`` and ``update`` dropped the
+   others when a ``$or`` branch matched another document, and so modified the
+   wrong document (another stream's lease).  Such a query is sent to nx as the
+   equivalent ``{$and: [{_id: S}, {$or: [...]}]}`` (MongoDB semantics:
+   top-level conditions are ANDed, https://www.mongodb.com/docs/manual/reference/operator/query/and/).
 
 Differences not corrected (know them; don't depend on them)
 -----------------------------------------------------------
@@ -919,10 +926,35 @@ _orig_handle_insert = nx_handler.NeoSQLiteHandler.handle_insert
 _orig_handle_query = nx_handler.NeoSQLiteHandler.handle_query
 
 
+def _and_or(query: Any) -> Any:
+    """j. ``{a: 1, $or: [...]}`` -> ``{$and: [{a: 1}, {$or: [...]}]}``."""
+    if not isinstance(query, dict) or "$or" not in query or len(query) < 2:
+        return query
+    parts = [{k: v} for k, v in query.items() if k != "$or"]
+    return {"$and": parts + [{"$or": query["$or"]}]}
+
+
+def _fix_queries(cmd: dict[str, Any], msg: Any) -> None:
+    """j. Rewrites the queries of findAndModify, update and delete in place
+    (command body and OP_MSG document sequences)."""
+    if "findAndModify" in cmd or "findandmodify" in cmd:
+        if "query" in cmd:
+            cmd["query"] = _and_or(cmd["query"])
+    for command, key in (("update", "updates"), ("delete", "deletes")):
+        if command in cmd:
+            for op in list(cmd.get(key) or []) + _payload_docs(msg, key):
+                if isinstance(op, dict) and "q" in op:
+                    op["q"] = _and_or(op["q"])
+
+
 def _handle_command(self, msg):
     cmd = _body(msg)
     if cmd is None:
         return _orig_handle_command(self, msg)
+    try:
+        _fix_queries(cmd, msg)
+    except Exception as exc:
+        logger.warning("cannot rewrite a $or query: %s", exc)
     request_id = msg.get("request_id", 0)
     db_name = cmd.get("$db", "test")
 
