@@ -45,8 +45,8 @@ pub struct View {
     pub live: BTreeSet<String>,
     /// Live leases per holder.
     pub held: BTreeMap<String, usize>,
-    /// Streams whose lease is live (held by anyone).
-    pub leased: BTreeSet<String>,
+    /// Streams whose lease is live, with their holder.
+    pub leased: BTreeMap<String, String>,
     /// Streams to share out.
     pub streams: usize,
 }
@@ -64,13 +64,13 @@ impl View {
         let mut live: BTreeSet<String> = live.iter().cloned().collect();
         live.insert(me.to_owned());
         let mut held = BTreeMap::new();
-        let mut leased = BTreeSet::new();
+        let mut leased = BTreeMap::new();
         for l in leases
             .iter()
             .filter(|l| l.live && streams.contains(&l.stream))
         {
             *held.entry(l.holder.clone()).or_insert(0) += 1;
-            leased.insert(l.stream.clone());
+            leased.insert(l.stream.clone(), l.holder.clone());
         }
         View {
             me: me.to_owned(),
@@ -87,6 +87,17 @@ impl View {
     }
 }
 
+/// A stream's lease in the last view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseSeen {
+    /// Expired, released or never taken.
+    Free,
+    /// Live under this replica's id (a previous life of it, or a run that just ended).
+    Mine,
+    /// Live under another replica.
+    HeldByOther,
+}
+
 /// Whether to try a stream's lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
@@ -101,8 +112,18 @@ pub enum Claim {
 
 /// Whether a replica holding `mine` streams (claims in progress included) tries a
 /// stream's lease that has been free for `free_rounds` refreshes (0 when it is held).
-pub fn claim_decision(share: usize, mine: usize, free_rounds: u64, grace_rounds: u64) -> Claim {
-    if mine < share {
+/// A lease another replica holds is not tried at all: a claim that cannot succeed would
+/// only occupy a place in the share that a free stream needs.
+pub fn claim_decision(
+    share: usize,
+    mine: usize,
+    lease: LeaseSeen,
+    free_rounds: u64,
+    grace_rounds: u64,
+) -> Claim {
+    if lease == LeaseSeen::HeldByOther {
+        Claim::Wait
+    } else if mine < share {
         Claim::UnderShare
     } else if free_rounds > grace_rounds {
         Claim::Orphaned
@@ -177,9 +198,11 @@ impl Balancer {
         })
     }
 
-    /// The grace in refreshes for a lease timing: the refreshes that cover one TTL.
+    /// The grace in refreshes for a lease timing: the refreshes that cover two TTLs
+    /// (long enough for a replica under its share, polling every renewal period, to take
+    /// a free stream first, even on a slow server).
     pub fn grace_for(lease: &LeaseConfig) -> u64 {
-        lease.ttl_ms.div_ceil(lease.renew_ms.max(1)).max(2)
+        (2 * lease.ttl_ms).div_ceil(lease.renew_ms.max(1)).max(2)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -204,7 +227,7 @@ impl Balancer {
         m.fair_share.set(view.share() as i64);
         let mut inner = self.lock();
         for s in &self.streams {
-            if view.leased.contains(s) {
+            if view.leased.contains_key(s) {
                 inner.free_rounds.remove(s);
             } else {
                 *inner.free_rounds.entry(s.clone()).or_insert(0) += 1;
@@ -222,10 +245,17 @@ impl Balancer {
         let view = inner.view.as_ref().filter(|_| inner.rounds >= 2)?;
         let share = view.share();
         let free = inner.free_rounds.get(stream).copied().unwrap_or(0);
-        let claim = claim_decision(share, inner.mine.len(), free, self.grace_rounds);
+        let seen = match view.leased.get(stream) {
+            None => LeaseSeen::Free,
+            Some(h) if *h == self.me => LeaseSeen::Mine,
+            Some(_) => LeaseSeen::HeldByOther,
+        };
+        let claim = claim_decision(share, inner.mine.len(), seen, free, self.grace_rounds);
         if claim == Claim::Wait || !inner.mine.insert(stream.to_owned()) {
             return None;
         }
+        // The stream is being taken: its free time starts again if it is let go.
+        inner.free_rounds.remove(stream);
         metrics().streams_held.set(inner.mine.len() as i64);
         Some(Slot {
             balancer: self.clone(),
@@ -234,9 +264,9 @@ impl Balancer {
         })
     }
 
-    /// Whether the caller (a stream this replica holds, between two batches) should hand
-    /// its stream over now. True for at most one stream per refresh.
-    pub fn should_yield(&self) -> bool {
+    /// Whether `stream` (held by this replica, between two batches) should be handed
+    /// over now. True for at most one stream per refresh.
+    pub fn should_yield(&self, stream: &str) -> bool {
         let mut inner = self.lock();
         let Some(view) = inner.view.as_ref() else {
             return false;
@@ -248,6 +278,8 @@ impl Balancer {
             return false;
         }
         inner.yielded_at = Some(inner.rounds);
+        // Free from now on: not to be taken back as an orphan before the grace.
+        inner.free_rounds.remove(stream);
         true
     }
 
@@ -333,11 +365,14 @@ mod tests {
 
     #[test]
     fn claims_only_under_share_or_after_grace() {
-        assert_eq!(claim_decision(4, 3, 0, 5), Claim::UnderShare);
-        assert_eq!(claim_decision(4, 4, 0, 5), Claim::Wait);
-        assert_eq!(claim_decision(4, 4, 5, 5), Claim::Wait);
-        assert_eq!(claim_decision(4, 4, 6, 5), Claim::Orphaned);
-        assert_eq!(claim_decision(4, 9, 6, 5), Claim::Orphaned);
+        use LeaseSeen::*;
+        assert_eq!(claim_decision(4, 3, Free, 0, 5), Claim::UnderShare);
+        assert_eq!(claim_decision(4, 3, Mine, 0, 5), Claim::UnderShare);
+        assert_eq!(claim_decision(4, 3, HeldByOther, 0, 5), Claim::Wait);
+        assert_eq!(claim_decision(4, 4, Free, 0, 5), Claim::Wait);
+        assert_eq!(claim_decision(4, 4, Free, 5, 5), Claim::Wait);
+        assert_eq!(claim_decision(4, 4, Free, 6, 5), Claim::Orphaned);
+        assert_eq!(claim_decision(4, 9, Free, 6, 5), Claim::Orphaned);
     }
 
     #[test]
@@ -379,19 +414,21 @@ mod tests {
         assert!(b.claim("s0").is_none(), "already mine");
         let leases: Vec<LeaseView> = (0..4).map(|i| lease(&format!("s{i}"), "a")).collect();
         b.update(&["a".into(), "b".into()], &leases);
-        assert!(b.should_yield());
-        assert!(!b.should_yield(), "one per refresh");
+        assert!(b.should_yield("s3"));
+        assert!(!b.should_yield("s3"), "one per refresh");
         let mut slots = slots;
         drop(slots.pop());
         b.update(&["a".into(), "b".into()], &leases[..3]);
-        assert!(b.should_yield(), "3 > 2 and b holds 0");
+        assert!(b.should_yield("s3"), "3 > 2 and b holds 0");
         drop(slots.pop());
         b.update(&["a".into(), "b".into()], &leases[..2]);
-        assert!(!b.should_yield(), "at the share");
+        assert!(!b.should_yield("s3"), "at the share");
         assert_eq!(b.held(), 2);
         // A free stream is not claimed at the share until the grace has passed.
         assert!(b.claim("s3").is_none());
         b.update(&["a".into(), "b".into()], &leases[..2]);
+        b.update(&["a".into(), "b".into()], &leases[..2]);
+        assert!(b.claim("s3").is_none(), "free for the grace, not more");
         b.update(&["a".into(), "b".into()], &leases[..2]);
         let orphan = b.claim("s3").expect("free for more than the grace");
         assert_eq!(orphan.claim, Claim::Orphaned);

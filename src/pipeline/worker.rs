@@ -300,7 +300,7 @@ impl StreamWorker {
                     let age = (DateTime::now().timestamp_millis() - appender.checkpoint.updated_at.timestamp_millis()) as f64 / 1000.0;
                     m.checkpoint_age.with_label_values(&[&self.name]).set(age.max(0.0));
                     // Between two batches: the last one and its checkpoint are stored.
-                    if self.balancer.should_yield() {
+                    if self.balancer.should_yield(&self.name) {
                         info!(seq = appender.checkpoint.seq, "handing the stream over: checkpoint stored");
                         return Ok(RunEnd::HandOver);
                     }
