@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::mongo::{Store, StoreError};
 use crate::ops::logging::redact_uri;
 use crate::ops::{health, metrics, Health};
-use crate::pipeline::balance::{run_membership, Balancer};
+use crate::pipeline::balance::{refresh, run_membership, Balancer};
 use crate::pipeline::publish::Publisher;
 use crate::pipeline::worker::StreamWorker;
 
@@ -148,6 +148,11 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
         config.streams.iter().map(|s| s.name()),
         Balancer::grace_for(&config.lease),
     );
+    // A first view before the streams start, so a lone replica consumes at once.
+    if let Err(e) = refresh(&store, &balancer, config.lease.ttl()).await {
+        m.error("membership", e.kind());
+        warn!(error = %e, "cannot read the replica membership yet; streams wait for it");
+    }
     let membership = tokio::spawn(run_membership(
         store.clone(),
         balancer.clone(),

@@ -238,11 +238,12 @@ impl Balancer {
     }
 
     /// Counts `stream` in this replica's share if it should try its lease now; `None`
-    /// means stand by. Nothing is claimed before two refreshes (replicas started together
-    /// see each other first).
+    /// means stand by. Nothing is claimed before the first refresh. (Replicas started
+    /// together may each see only themselves at first and claim too much: the surplus
+    /// is handed over at the next refreshes.)
     pub fn claim(self: &Arc<Self>, stream: &str) -> Option<Slot> {
         let mut inner = self.lock();
-        let view = inner.view.as_ref().filter(|_| inner.rounds >= 2)?;
+        let view = inner.view.as_ref()?;
         let share = view.share();
         let free = inner.free_rounds.get(stream).copied().unwrap_or(0);
         let seen = match view.leased.get(stream) {
@@ -403,11 +404,9 @@ mod tests {
     }
 
     #[test]
-    fn balancer_yields_once_per_refresh_and_waits_for_two_refreshes() {
+    fn balancer_yields_once_per_refresh_and_waits_for_a_view() {
         let b = Balancer::new("a", names(4), 3);
         assert!(b.claim("s0").is_none(), "no view yet");
-        b.update(&["a".into()], &[]);
-        assert!(b.claim("s0").is_none(), "one refresh only");
         b.update(&["a".into()], &[]);
         let slots: Vec<Slot> = (0..4).filter_map(|i| b.claim(&format!("s{i}"))).collect();
         assert_eq!(slots.len(), 4);
