@@ -171,3 +171,25 @@ async fn replicas_join_die_and_return_on_the_fair_share() {
     let live = store.live_replicas().await.expect("live");
     assert_eq!(live, vec!["a", "b", "c"]);
 }
+
+#[tokio::test]
+async fn two_processes_with_one_replica_id_are_reported() {
+    let store = MemoryStore::new();
+    let streams = ["db.c".to_owned()];
+    let first = Balancer::new("same", streams.iter().cloned(), GRACE);
+    let restarted = Balancer::new("same", streams.iter().cloned(), GRACE);
+    // A restart under the same id finds its previous life's heartbeat: not a duplicate.
+    refresh(&store, &first, TTL).await.expect("refresh");
+    refresh(&store, &restarted, TTL).await.expect("refresh");
+    assert!(!restarted.duplicate_seen(), "first refresh of a new life");
+    // The previous life is gone: nobody else writes the heartbeat.
+    store.advance_clock(RENEW);
+    refresh(&store, &restarted, TTL).await.expect("refresh");
+    assert!(!restarted.duplicate_seen());
+    // But two live processes with one id overwrite each other's heartbeat.
+    store.advance_clock(RENEW);
+    refresh(&store, &first, TTL).await.expect("refresh");
+    assert!(first.duplicate_seen(), "first sees the other process");
+    refresh(&store, &restarted, TTL).await.expect("refresh");
+    assert!(restarted.duplicate_seen(), "and the other sees it");
+}

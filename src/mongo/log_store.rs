@@ -235,8 +235,13 @@ impl LogStore for Store {
         Ok(())
     }
 
-    async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<(), StoreError> {
-        self.heartbeat_impl(replica, ttl).await
+    async fn heartbeat(
+        &self,
+        replica: &str,
+        instance: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        self.heartbeat_impl(replica, instance, ttl).await
     }
 
     async fn leave(&self, replica: &str) -> Result<(), StoreError> {

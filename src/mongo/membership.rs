@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bson::{doc, DateTime, Document};
 use futures_util::TryStreamExt;
-use mongodb::options::IndexOptions;
+use mongodb::options::{IndexOptions, ReturnDocument};
 use mongodb::{Collection, IndexModel};
 
 use super::lease::now_ms;
@@ -54,22 +54,28 @@ impl Store {
     pub(crate) async fn heartbeat_impl(
         &self,
         replica: &str,
+        instance: &str,
         ttl: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<String>, StoreError> {
         let now = now_ms();
         let expires = now.saturating_add(ttl.as_millis() as i64);
-        self.replicas()
-            .update_one(
+        let before = self
+            .replicas()
+            .find_one_and_update(
                 doc! { "_id": replica },
                 doc! { "$set": {
+                    "instance": instance,
                     "expires_at_ms": expires,
                     "seen_at_ms": now,
                     "expires_at": DateTime::from_millis(expires),
                 } },
             )
             .upsert(true)
+            .return_document(ReturnDocument::Before)
             .await?;
-        Ok(())
+        Ok(before
+            .filter(|d| get_int(d, "expires_at_ms").is_some_and(|e| e > now))
+            .and_then(|d| d.get_str("instance").ok().map(str::to_owned)))
     }
 
     pub(crate) async fn leave_impl(&self, replica: &str) -> Result<(), StoreError> {

@@ -145,6 +145,8 @@ pub fn should_yield(view: &View, mine: usize) -> bool {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// Another process wrote this replica's heartbeat since the last refresh.
+    duplicate: bool,
     view: Option<View>,
     /// Membership refreshes so far.
     rounds: u64,
@@ -160,6 +162,8 @@ struct Inner {
 #[derive(Debug)]
 pub struct Balancer {
     me: String,
+    /// This process, among processes that might share the replica id by mistake.
+    instance: String,
     streams: BTreeSet<String>,
     grace_rounds: u64,
     inner: Mutex<Inner>,
@@ -190,8 +194,11 @@ impl Balancer {
         streams: impl IntoIterator<Item = String>,
         grace_rounds: u64,
     ) -> Arc<Self> {
+        // Unique per balancer (time, random and counter).
+        let instance = bson::oid::ObjectId::new().to_hex();
         Arc::new(Self {
             me: me.to_owned(),
+            instance,
             streams: streams.into_iter().collect(),
             grace_rounds,
             inner: Mutex::new(Inner::default()),
@@ -288,15 +295,35 @@ impl Balancer {
     pub fn held(&self) -> usize {
         self.lock().mine.len()
     }
+
+    /// Whether the last refresh found another process writing this replica's heartbeat.
+    pub fn duplicate_seen(&self) -> bool {
+        self.lock().duplicate
+    }
 }
 
 /// One membership refresh: heartbeat, then read the live replicas and the leases.
+///
+/// A heartbeat that another process overwrote since this one's previous refresh means two
+/// processes run with the same replica id (`lease.holder_id`): each would take the other's
+/// leases as its own. That is logged as an error and counted
+/// (`eventsync_errors_total{component="membership",kind="duplicate_holder_id"}`). The
+/// first refresh does not count: the heartbeat may be this replica's previous life's.
 pub async fn refresh<S: LogStore>(
     store: &S,
     balancer: &Balancer,
     ttl: Duration,
 ) -> Result<(), StoreError> {
-    store.heartbeat(balancer.me(), ttl).await?;
+    let before = store
+        .heartbeat(balancer.me(), &balancer.instance, ttl)
+        .await?;
+    let first = balancer.lock().rounds == 0;
+    let duplicate = !first && before.is_some_and(|i| i != balancer.instance);
+    if duplicate {
+        metrics().error("membership", "duplicate_holder_id");
+        tracing::error!(replica = %balancer.me(), "another process runs with this replica id: give each replica a unique lease.holder_id");
+    }
+    balancer.lock().duplicate = duplicate;
     let live = store.live_replicas().await?;
     let leases = store.lease_views().await?;
     balancer.update(&live, &leases);

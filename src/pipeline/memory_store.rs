@@ -52,8 +52,8 @@ struct State {
     dead_letters: Vec<(String, DeadLetter)>,
     dead_letter_keys: HashSet<(String, String)>,
     leases: HashMap<String, Lease>,
-    /// Replica heartbeats: expiry on the store's clock.
-    replicas: BTreeMap<String, i64>,
+    /// Replica heartbeats: expiry on the store's clock, and the instance that wrote it.
+    replicas: BTreeMap<String, (i64, String)>,
     clock_ms: i64,
     writes: u64,
     fault: Option<Fault>,
@@ -474,11 +474,19 @@ impl LogStore for MemoryStore {
         Ok(())
     }
 
-    async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<(), StoreError> {
+    async fn heartbeat(
+        &self,
+        replica: &str,
+        instance: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
         let mut st = self.reads("heartbeat")?;
-        let expires = st.clock_ms + ttl.as_millis() as i64;
-        st.replicas.insert(replica.to_owned(), expires);
-        Ok(())
+        let now = st.clock_ms;
+        let expires = now + ttl.as_millis() as i64;
+        let before = st
+            .replicas
+            .insert(replica.to_owned(), (expires, instance.to_owned()));
+        Ok(before.filter(|(e, _)| *e > now).map(|(_, i)| i))
     }
 
     async fn leave(&self, replica: &str) -> Result<(), StoreError> {
@@ -493,7 +501,7 @@ impl LogStore for MemoryStore {
         Ok(st
             .replicas
             .iter()
-            .filter(|(_, e)| **e > now)
+            .filter(|(_, (e, _))| *e > now)
             .map(|(r, _)| r.clone())
             .collect())
     }

@@ -164,12 +164,16 @@ pub trait LogStore: Clone + Send + Sync + 'static {
         epoch: i64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Announces `replica` as live until `ttl` from now (see [`crate::mongo::membership`]).
+    /// Announces `replica` (this process: `instance`) as live until `ttl` from now (see
+    /// [`crate::mongo::membership`]). Returns the instance that wrote the heartbeat
+    /// before, if it was still live: another instance there means two processes share
+    /// the replica id.
     fn heartbeat(
         &self,
         replica: &str,
+        instance: &str,
         ttl: Duration,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
 
     /// Withdraws `replica`'s heartbeat (graceful shutdown).
     fn leave(&self, replica: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
