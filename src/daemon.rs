@@ -15,6 +15,7 @@ use crate::ops::{health, metrics, Health};
 use crate::pipeline::balance::{refresh, run_membership, Balancer};
 use crate::pipeline::publish::Publisher;
 use crate::pipeline::worker::StreamWorker;
+use crate::pipeline::Partition;
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -140,12 +141,17 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
 
     let holder = config.lease.holder();
     // Every stream counts for readiness from the start, not only once its worker runs.
-    for s in &config.streams {
-        health.set_role(&s.name(), crate::ops::health::StreamRole::Starting);
+    let streams: Vec<(&crate::pipeline::StreamConfig, String, Option<Partition>)> = config
+        .streams
+        .iter()
+        .flat_map(|s| s.streams().into_iter().map(move |(n, p)| (s, n, p)))
+        .collect();
+    for (_, name, _) in &streams {
+        health.set_role(name, crate::ops::health::StreamRole::Starting);
     }
     let balancer = Balancer::new(
         &holder,
-        config.streams.iter().map(|s| s.name()),
+        streams.iter().map(|(_, n, _)| n.clone()),
         Balancer::grace_for(&config.lease),
     );
     // A first view before the streams start, so a lone replica consumes at once.
@@ -160,9 +166,10 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
         shutdown.clone(),
     ));
     let mut workers = Vec::new();
-    for s in &config.streams {
+    for (s, name, partition) in streams {
         let worker = StreamWorker {
-            name: s.name(),
+            name,
+            partition,
             source: client.database(&s.database).collection(&s.collection),
             store: store.clone(),
             fields: config.stamp.clone(),

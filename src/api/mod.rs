@@ -339,7 +339,11 @@ pub async fn serve(
     }
     let app = AppState::new(
         config.sync.clone(),
-        config.streams.iter().map(|s| s.name()).collect(),
+        config
+            .streams
+            .iter()
+            .flat_map(|s| s.streams().into_iter().map(|(n, _)| n))
+            .collect(),
         store,
         publisher,
         shutdown.clone(),

@@ -28,10 +28,11 @@ use super::resync::resync;
 use super::source::{self, Item, SourceError};
 use super::store::{DeadLetter, LogStore};
 use super::transform::{DocChange, Observed};
-use super::PipelineConfig;
+use super::{Partition, PipelineConfig};
 use crate::client::StampFields;
 use crate::mongo::change_stream::{self, is_history_lost, ChangeKind};
 use crate::mongo::lease::LeaseConfig;
+use crate::mongo::log_store::ScopedSource;
 use crate::mongo::{doc_key, Store, StoreError};
 use crate::ops::health::{Health, StreamRole};
 use crate::ops::metrics;
@@ -76,8 +77,10 @@ impl WorkerError {
 /// Everything a stream needs.
 #[derive(Clone)]
 pub struct StreamWorker {
-    /// `db.collection`.
+    /// `db.collection`, or `db.collection#p/P` for a partition.
     pub name: String,
+    /// The partition of the collection this stream covers (`None`: all of it).
+    pub partition: Option<Partition>,
     /// The watched collection.
     pub source: Collection<Document>,
     /// The daemon database.
@@ -115,6 +118,11 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) {
 }
 
 impl StreamWorker {
+    /// The change stream's `$match` of a partition: its documents' events only.
+    fn events_filter(&self) -> Option<Document> {
+        self.partition.map(|p| p.filter("$documentKey._id"))
+    }
+
     /// Runs until `shutdown` turns true; then stores the checkpoint and releases the lease.
     pub async fn supervise(self, mut shutdown: watch::Receiver<bool>) {
         let span = info_span!("stream", stream = %self.name);
@@ -228,22 +236,42 @@ impl StreamWorker {
         let batch = self.pipeline.batch_size as u32;
         let (stream, reason) = match &cp.token {
             Some(token) => {
-                match change_stream::open(&self.source, Some(token), batch, max_await).await {
+                match change_stream::open(
+                    &self.source,
+                    self.events_filter().as_ref(),
+                    Some(token),
+                    batch,
+                    max_await,
+                )
+                .await
+                {
                     Ok(s) => (s, cp.resync_pending.then_some("interrupted")),
                     Err(e) if is_history_lost(&e) => {
                         warn!(error = %e, "resume point no longer in the oplog; re-reading the collection");
-                        let s = change_stream::open(&self.source, None, batch, max_await)
-                            .await
-                            .map_err(WorkerError::Open)?;
+                        let s = change_stream::open(
+                            &self.source,
+                            self.events_filter().as_ref(),
+                            None,
+                            batch,
+                            max_await,
+                        )
+                        .await
+                        .map_err(WorkerError::Open)?;
                         (s, Some("history_lost"))
                     }
                     Err(e) => return Err(WorkerError::Open(e)),
                 }
             }
             None => {
-                let s = change_stream::open(&self.source, None, batch, max_await)
-                    .await
-                    .map_err(WorkerError::Open)?;
+                let s = change_stream::open(
+                    &self.source,
+                    self.events_filter().as_ref(),
+                    None,
+                    batch,
+                    max_await,
+                )
+                .await
+                .map_err(WorkerError::Open)?;
                 (
                     s,
                     Some(if cp.resync_pending && cp.seq > 0 {
@@ -261,9 +289,13 @@ impl StreamWorker {
             appender
                 .process(&[], start.clone(), Phase::Rereading)
                 .await?;
+            let scope = ScopedSource {
+                coll: &self.source,
+                filter: self.partition.map(|p| p.filter("$_id")),
+            };
             resync(
                 &mut appender,
-                &self.source,
+                &scope,
                 start,
                 self.pipeline.batch_size,
                 self.pipeline.resync_compare,
