@@ -206,3 +206,33 @@ impl PipelineConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partitioned_collection_is_one_stream_per_partition() {
+        let mut s = StreamConfig {
+            database: "app".into(),
+            collection: "orders".into(),
+            partitions: 1,
+        };
+        assert_eq!(s.streams(), vec![("app.orders".to_owned(), None)]);
+        s.partitions = 3;
+        let names: Vec<String> = s.streams().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            ["app.orders#0/3", "app.orders#1/3", "app.orders#2/3"]
+        );
+        assert_eq!(s.streams()[2].1, Some(Partition { index: 2, count: 3 }));
+        let f = Partition { index: 2, count: 3 }.filter("$_id");
+        assert_eq!(
+            f,
+            bson::doc! { "$expr": { "$eq": [
+                { "$mod": [ { "$add": [ { "$mod": [ { "$toHashedIndexKey": "$_id" }, 3_i64 ] }, 3_i64 ] }, 3_i64 ] },
+                2_i64
+            ] } }
+        );
+    }
+}
