@@ -12,8 +12,10 @@ use crate::config::Config;
 use crate::mongo::{Store, StoreError};
 use crate::ops::logging::redact_uri;
 use crate::ops::{health, metrics, Health};
+use crate::pipeline::balance::{refresh, run_membership, Balancer};
 use crate::pipeline::publish::Publisher;
 use crate::pipeline::worker::StreamWorker;
+use crate::pipeline::Partition;
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -145,13 +147,35 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
 
     let holder = config.lease.holder();
     // Every stream counts for readiness from the start, not only once its worker runs.
-    for s in &config.streams {
-        health.set_role(&s.name(), crate::ops::health::StreamRole::Starting);
+    let streams: Vec<(&crate::pipeline::StreamConfig, String, Option<Partition>)> = config
+        .streams
+        .iter()
+        .flat_map(|s| s.streams().into_iter().map(move |(n, p)| (s, n, p)))
+        .collect();
+    for (_, name, _) in &streams {
+        health.set_role(name, crate::ops::health::StreamRole::Starting);
     }
+    let balancer = Balancer::new(
+        &holder,
+        streams.iter().map(|(_, n, _)| n.clone()),
+        Balancer::grace_for(&config.lease),
+    );
+    // A first view before the streams start, so a lone replica consumes at once.
+    if let Err(e) = refresh(&store, &balancer, config.lease.ttl()).await {
+        m.error("membership", e.kind());
+        warn!(error = %e, "cannot read the replica membership yet; streams wait for it");
+    }
+    let membership = tokio::spawn(run_membership(
+        store.clone(),
+        balancer.clone(),
+        config.lease.clone(),
+        shutdown.clone(),
+    ));
     let mut workers = Vec::new();
-    for s in &config.streams {
+    for (s, name, partition) in streams {
         let worker = StreamWorker {
-            name: s.name(),
+            name,
+            partition,
             source: client.database(&s.database).collection(&s.collection),
             store: store.clone(),
             fields: config.stamp.clone(),
@@ -160,6 +184,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
             holder: holder.clone(),
             publisher: publisher.clone(),
             health: health.clone(),
+            balancer: balancer.clone(),
         };
         workers.push(tokio::spawn(worker.supervise(shutdown.clone())));
     }
@@ -185,6 +210,13 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Resul
         .is_err()
     {
         warn!("streams did not stop within 10 s");
+    }
+    // After the streams released their leases: the heartbeat goes last.
+    if tokio::time::timeout(Duration::from_secs(2), membership)
+        .await
+        .is_err()
+    {
+        warn!("membership task did not stop within 2 s");
     }
     pinger.abort();
     ready_log.abort();

@@ -90,6 +90,20 @@ fn invalid_values_stop_the_daemon_naming_the_key_and_what_is_allowed() {
             "twice",
         ),
         (
+            format!(
+                "{VALID}[[streams]]\ndatabase = \"app\"\ncollection = \"hot\"\npartitions = 0\n"
+            ),
+            "streams[1].partitions",
+            "allowed: 1 to 64",
+        ),
+        (
+            format!(
+                "{VALID}[[streams]]\ndatabase = \"app\"\ncollection = \"hot\"\npartitions = 65\n"
+            ),
+            "streams[1].partitions",
+            "allowed: 1 to 64",
+        ),
+        (
             "[mongodb]\nuri = \"mongodb://h\"\nstreams = []\n".to_owned(),
             "streams",
             "",

@@ -743,6 +743,25 @@ def main(uri: str) -> int:
 
     client.drop_database(dbname)
     print("ALL CHECKS PASSED")
+
+    # ---- j. $or with other top-level conditions keeps them all ---------------
+    leases = db[f"leases_{suffix}"]
+    leases.insert_many([
+        {"_id": "s1", "holder": "r2", "exp": 100, "epoch": 1},
+        {"_id": "s2", "holder": "r0", "exp": 100, "epoch": 1},
+        {"_id": "s3", "holder": "r0", "exp": 50, "epoch": 1},
+    ])
+    claim = {"_id": "s2", "$or": [{"holder": "r2"}, {"exp": {"$lte": 60}}]}
+    got = leases.find_one_and_update(claim, {"$inc": {"epoch": 1}})
+    check(got is None, f"findAndModify {{_id, $or}} matches only that _id (got {got})")
+    check(leases.update_one(claim, {"$set": {"z": 1}}).matched_count == 0,
+          "update {_id, $or} matches only that _id")
+    check(leases.count_documents({"epoch": 2}) == 0 and leases.count_documents({"z": 1}) == 0,
+          "no other document was modified")
+    got = leases.find_one_and_update({"_id": "s3", "$or": [{"holder": "r2"}, {"exp": {"$lte": 60}}]},
+                                     {"$inc": {"epoch": 1}}, return_document=True)
+    check(got is not None and got["_id"] == "s3" and got["epoch"] == 2, "a matching {_id, $or} is updated")
+    ok("j. $or with other top-level conditions")
     return 0
 
 

@@ -114,6 +114,26 @@ k. ``serverStatus`` reports ``opcounters`` (insert, query, update, delete,
    command counts its documents, update/delete their statements), so a
    benchmark can count the operations a client costs the server.
 
+l. A query that combines ``$or`` with other top-level conditions (e.g. a
+   lease claim ``{_id: S, $or: [{holder: H}, {expires_at_ms: {$lte: now}}]}``)
+   keeps every condition: nx's ``findAndModify`` and ``update`` dropped the
+   others when a ``$or`` branch matched another document, and so modified the
+   wrong document (another stream's lease).  Such a query is sent to nx as the
+   equivalent ``{$and: [{_id: S}, {$or: [...]}]}`` (MongoDB semantics:
+   top-level conditions are ANDed, https://www.mongodb.com/docs/manual/reference/operator/query/and/).
+m. ``$expr`` with ``$toHashedIndexKey`` (nx cannot evaluate either), as a
+   partitioned stream uses it: ``{$expr: {$eq: [{$mod: [{$add: [{$mod:
+   [{$toHashedIndexKey: "$documentKey._id"}, P]}, P]}, P]}, p]}}``.  Evaluated
+   by the launcher with MongoDB's hashed-index hash (MD5 of seed 0, the
+   canonical type and the BSON value; first 8 bytes little-endian; checked
+   against the documented example "string to hash" -> 763543691661428748,
+   https://www.mongodb.com/docs/manual/reference/operator/aggregation/toHashedIndexKey/)
+   for numbers, strings, ObjectIds, Booleans, dates and null, and the
+   operators ``$eq``, ``$mod`` (sign of the dividend), ``$add`` and field
+   paths: in change-stream ``$match`` stages, and in ``find`` filters (the
+   ``$expr`` is replaced by ``_id: {$in: [ids it selects]}``, computed over
+   the collection under the database lock).
+
 Differences not corrected (know them; don't depend on them)
 -----------------------------------------------------------
 - Storage: Decimal128, Timestamp and Regex values cannot be stored (error
@@ -1060,11 +1080,145 @@ def _oplog_reply(self, cmd: dict[str, Any]) -> dict[str, Any]:
         "ok": 1,
     }
 
+def hashed_index_key(value: Any) -> int | None:
+    """m. MongoDB's hashed-index hash of a value (None: type not supported)."""
+    import hashlib
+
+    if isinstance(value, bool):
+        ctype, data = 40, b"\x01" if value else b"\x00"
+    elif isinstance(value, (int, float, Int64)) and not isinstance(value, bool):
+        ctype, data = 10, struct.pack("<q", int(value))
+    elif isinstance(value, str):
+        raw = value.encode("utf-8")
+        ctype, data = 15, struct.pack("<i", len(raw) + 1) + raw + b"\x00"
+    elif isinstance(value, (BsonObjectId, NeoObjectId)):
+        ctype, data = 35, bytes(BsonObjectId(str(value)).binary)
+    elif isinstance(value, datetime):
+        ms = int(value.replace(tzinfo=value.tzinfo or timezone.utc).timestamp() * 1000)
+        ctype, data = 45, struct.pack("<q", ms)
+    elif value is None:
+        ctype, data = 5, b""
+    else:
+        return None
+    digest = hashlib.md5(struct.pack("<i", 0) + struct.pack("<i", ctype) + data).digest()
+    return struct.unpack("<q", digest[:8])[0]
+
+
+_MISSING = object()
+
+
+def _eval_expr(expr: Any, doc: dict[str, Any]) -> Any:
+    """m. The subset of aggregation expressions partitioned streams use."""
+    if isinstance(expr, str) and expr.startswith("$"):
+        cur: Any = doc
+        for part in expr[1:].split("."):
+            if not isinstance(cur, dict) or part not in cur:
+                return None
+            cur = cur[part]
+        return cur
+    if isinstance(expr, dict) and len(expr) == 1:
+        (op, arg), = expr.items()
+        if op == "$toHashedIndexKey":
+            return hashed_index_key(_eval_expr(arg, doc))
+        args = [_eval_expr(a, doc) for a in (arg if isinstance(arg, list) else [arg])]
+        if op == "$eq" and len(args) == 2:
+            return args[0] == args[1]
+        if any(a is None for a in args):
+            return None
+        if op == "$add":
+            return sum(args)
+        if op == "$mod" and len(args) == 2 and args[1] != 0:
+            r = abs(int(args[0])) % abs(int(args[1]))
+            return -r if args[0] < 0 else r
+        raise ValueError(f"unsupported expression operator {op}")
+    return expr
+
+
+def _uses_hash(expr: Any) -> bool:
+    if isinstance(expr, dict):
+        return "$toHashedIndexKey" in expr or any(_uses_hash(v) for v in expr.values())
+    if isinstance(expr, list):
+        return any(_uses_hash(v) for v in expr)
+    return False
+
+
+_orig_pipeline_matches = nx_cs._pipeline_matches
+
+
+def _pipeline_matches(change: dict[str, Any], pipeline: list[dict[str, Any]]) -> bool:
+    """m. ``$match`` stages with a hashed ``$expr`` are evaluated here."""
+    rest = []
+    for stage in pipeline:
+        spec = stage.get("$match") if isinstance(stage, dict) else None
+        if isinstance(spec, dict) and "$expr" in spec and _uses_hash(spec["$expr"]):
+            if _eval_expr(spec["$expr"], change) is not True:
+                return False
+            others = {k: v for k, v in spec.items() if k != "$expr"}
+            if others:
+                rest.append({"$match": others})
+        else:
+            rest.append(stage)
+    return _orig_pipeline_matches(change, rest)
+
+
+nx_cs._pipeline_matches = _pipeline_matches
+
+
+def _fix_hashed_find(handler: Any, cmd: dict[str, Any]) -> None:
+    """m. ``find`` with a hashed ``$expr``: replaced by the ``_id``s it selects."""
+    coll_name = cmd.get("find")
+    query = cmd.get("filter")
+    if not isinstance(coll_name, str) or not isinstance(query, dict):
+        return
+    expr = query.get("$expr")
+    if expr is None or not _uses_hash(expr):
+        return
+    db_name = cmd.get("$db", "test")
+    ids: list[Any] = []
+    with handler._lock_for(db_name):
+        database = handler.get_database(db_name)
+        if coll_name in database.list_collection_names():
+            for doc in database[coll_name].find({}, {"_id": 1}):
+                if _eval_expr(expr, doc) is True:
+                    ids.append(doc["_id"])
+    others = {k: v for k, v in query.items() if k != "$expr"}
+    selected = {"_id": {"$in": ids}}
+    cmd["filter"] = {"$and": [others, selected]} if others else selected
+
+
+def _and_or(query: Any) -> Any:
+    """l. ``{a: 1, $or: [...]}`` -> ``{$and: [{a: 1}, {$or: [...]}]}``."""
+    if not isinstance(query, dict) or "$or" not in query or len(query) < 2:
+        return query
+    parts = [{k: v} for k, v in query.items() if k != "$or"]
+    return {"$and": parts + [{"$or": query["$or"]}]}
+
+
+def _fix_queries(cmd: dict[str, Any], msg: Any) -> None:
+    """l. Rewrites the queries of findAndModify, update and delete in place
+    (command body and OP_MSG document sequences)."""
+    if "findAndModify" in cmd or "findandmodify" in cmd:
+        if "query" in cmd:
+            cmd["query"] = _and_or(cmd["query"])
+    for command, key in (("update", "updates"), ("delete", "deletes")):
+        if command in cmd:
+            for op in list(cmd.get(key) or []) + _payload_docs(msg, key):
+                if isinstance(op, dict) and "q" in op:
+                    op["q"] = _and_or(op["q"])
+
 
 def _handle_command(self, msg):
     cmd = _body(msg)
     if cmd is None:
         return _orig_handle_command(self, msg)
+    try:
+        _fix_queries(cmd, msg)
+    except Exception as exc:
+        logger.warning("cannot rewrite a $or query: %s", exc)
+    try:
+        _fix_hashed_find(self, cmd)
+    except Exception as exc:
+        logger.warning("cannot evaluate a hashed $expr: %s", exc)
     request_id = msg.get("request_id", 0)
     db_name = cmd.get("$db", "test")
     _count_op(cmd, msg)

@@ -459,7 +459,11 @@ pub async fn serve(
     }
     let app = AppState::with_auth(
         config.sync.clone(),
-        config.streams.iter().map(|s| s.name()).collect(),
+        config
+            .streams
+            .iter()
+            .flat_map(|s| s.streams().into_iter().map(|(n, _)| n))
+            .collect(),
         store,
         publisher,
         shutdown.clone(),

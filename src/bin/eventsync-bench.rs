@@ -16,6 +16,11 @@
 //! 4. **tracking**: `--track-docs` small documents exist before a fresh daemon starts; its
 //!    initial sync takes them all, then live updates touch them; peak and final RSS.
 //!
+//! 5. **partitions** (`--partitions 1,2,4`): one collection declared with `partitions = P`,
+//!    two daemon processes (replicas) sharing its partitions; both are stopped at their
+//!    checkpoints, the same write load is written, both start again and catch up; events
+//!    per second over the backlog, for each `P`.
+//!
 //! Prints a table and writes the figures as JSON (`--out`).
 
 use std::collections::{BTreeMap, HashMap};
@@ -105,6 +110,9 @@ struct Args {
     /// Catch-up serving: duration of each concurrent run, seconds.
     #[arg(long, default_value_t = 10)]
     serve_secs: u64,
+    /// Partition counts of the two-replica partition phase (comma-separated; empty: skip).
+    #[arg(long, value_delimiter = ',')]
+    partitions: Vec<u32>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "results.json")]
     out: PathBuf,
@@ -669,6 +677,98 @@ async fn daemon_phase(
         "events_per_cpu_sec": round(events as f64 / cpu.max(0.01)),
         "rss_kib": rss,
         "hwm_kib": hwm,
+    }))
+}
+
+/// Two replicas catch up on one collection split into `p` partitions.
+async fn partition_phase(
+    client: &mongodb::Client,
+    db: &mongodb::Database,
+    event_db: &str,
+    bin: &Path,
+    dir: &Path,
+    a: &Args,
+    p: u32,
+) -> Result<Value> {
+    let name = format!("part{p}");
+    let coll = db.collection::<Document>(&name);
+    let table = format!(
+        "[[streams]]\ndatabase = {:?}\ncollection = {name:?}\npartitions = {p}\n\n{}",
+        db.name(),
+        a.extra_config
+    );
+    let mut replicas = Vec::new();
+    for holder in ["bench-a", "bench-b"] {
+        let (config, ops, sync, token) =
+            DaemonProc::write_config(dir, &a.uri, event_db, &[], &a.pipeline, &table)?;
+        let text = std::fs::read_to_string(&config)?
+            .replace("holder_id = \"bench\"", &format!("holder_id = {holder:?}"));
+        std::fs::write(&config, text)?;
+        replicas.push(DaemonProc::start(bin, config, ops, sync, token)?);
+    }
+    let streams: Vec<String> = if p <= 1 {
+        vec![format!("{}.{name}", db.name())]
+    } else {
+        (0..p)
+            .map(|i| format!("{}.{name}#{i}/{p}", db.name()))
+            .collect()
+    };
+    for s in &streams {
+        wait_streaming(client, event_db, s, &replicas[0]).await?;
+    }
+    for r in &mut replicas {
+        r.stop();
+    }
+    let (writes, _) = write_load(&coll, a).await?;
+    let start = Instant::now();
+    for r in &mut replicas {
+        r.restart()?;
+    }
+    let mut first: Option<Instant> = None;
+    loop {
+        let mut done = 0;
+        for r in &replicas {
+            for s in &streams {
+                done += r.done_changes(s).await;
+            }
+        }
+        if done > 0 && first.is_none() {
+            first = Some(Instant::now());
+        }
+        if done >= writes {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(600) {
+            return Err(format!(
+                "partitions {p}: {done} of {writes} changes in 600 s:\n{}",
+                replicas[0].log_tail()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let busy = first.unwrap_or(start).elapsed().as_secs_f64();
+    let total = start.elapsed().as_secs_f64();
+    let mut events = 0;
+    for s in &streams {
+        events += client
+            .database(event_db)
+            .collection::<Document>("events")
+            .count_documents(doc! { "stream": s })
+            .await?;
+    }
+    for r in &mut replicas {
+        r.stop();
+    }
+    Ok(json!({
+        "partitions": p,
+        "replicas": 2,
+        "writes": writes,
+        "events_appended": events,
+        "catch_up_secs": round(busy),
+        "catch_up_secs_incl_start": round(total),
+        "rate_events_per_s": round(events as f64 / busy),
+        "rate_changes_per_s": round(writes as f64 / busy),
     }))
 }
 
@@ -1657,6 +1757,17 @@ fn table(r: &Value) {
             ),
         ),
     ]);
+    for i in 0..g("/partitions").as_array().map_or(0, Vec::len) {
+        let p = |k: &str| format!("/partitions/{i}/{k}");
+        rows.push((
+            format!("P = {} over 2 replicas", g(&p("partitions"))),
+            format!(
+                "{} events/s ({} changes/s) catching up",
+                g(&p("rate_events_per_s")),
+                g(&p("rate_changes_per_s"))
+            ),
+        ));
+    }
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(10);
     println!();
     for (k, v) in rows {
@@ -1729,6 +1840,7 @@ async fn main() -> Result<()> {
             "phases": a.phases, "fanout": a.fanout, "fanout_rate": a.fanout_rate,
             "fanout_secs": a.fanout_secs, "serve_events": a.serve_events,
             "serve_clients": a.serve_clients, "serve_secs": a.serve_secs,
+            "partitions": a.partitions,
             "daemon_bin": bin.display().to_string(),
         }),
     );
@@ -1801,6 +1913,14 @@ async fn main() -> Result<()> {
             eprintln!("  {t}");
             results.insert("tracking".into(), t);
         }
+        let mut parts = Vec::new();
+        for &p in &a.partitions {
+            eprintln!("phase 5/5: {p} partition(s) over two replicas");
+            let r = partition_phase(&client, &db, &event_db, &bin, &dir, &a, p).await?;
+            eprintln!("  {r}");
+            parts.push(r);
+        }
+        results.insert("partitions".into(), Value::Array(parts));
         Ok(())
     }
     .await;

@@ -267,7 +267,11 @@ pub fn spawn(
 ) -> tokio::task::JoinHandle<()> {
     let cfg = config.compaction.clone();
     let holder = config.lease.holder();
-    let streams: Vec<String> = config.streams.iter().map(|s| s.name()).collect();
+    let streams: Vec<String> = config
+        .streams
+        .iter()
+        .flat_map(|s| s.streams().into_iter().map(|(n, _)| n))
+        .collect();
     tokio::spawn(async move {
         if !cfg.enabled {
             return;

@@ -73,12 +73,17 @@ pub fn token_to_document(t: &ResumeToken) -> Option<Document> {
 /// Opens a stream on `coll`, after `resume` when given.
 pub async fn open(
     coll: &Collection<Document>,
+    filter: Option<&Document>,
     resume: Option<&Document>,
     batch_size: u32,
     max_await: Duration,
 ) -> Result<RawChangeStream, mongodb::error::Error> {
+    let pipeline: Vec<Document> = filter
+        .map(|f| vec![bson::doc! { "$match": f.clone() }])
+        .unwrap_or_default();
     let stream = coll
         .watch()
+        .pipeline(pipeline)
         .full_document(FullDocumentType::UpdateLookup)
         .resume_after(resume.and_then(token_from_document))
         .batch_size(batch_size)

@@ -13,6 +13,7 @@ use mongodb::Collection;
 use super::checkpoints::Checkpoint;
 use super::events::EventRecord;
 use super::lease::{now_ms, Held};
+use super::membership::LeaseView;
 use super::shadows::Shadow;
 use super::{get_flag, get_int, Store, StoreError};
 use crate::client::{is_duplicate_key, StampFields};
@@ -233,6 +234,27 @@ impl LogStore for Store {
             .await?;
         Ok(())
     }
+
+    async fn heartbeat(
+        &self,
+        replica: &str,
+        instance: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        self.heartbeat_impl(replica, instance, ttl).await
+    }
+
+    async fn leave(&self, replica: &str) -> Result<(), StoreError> {
+        self.leave_impl(replica).await
+    }
+
+    async fn live_replicas(&self) -> Result<Vec<String>, StoreError> {
+        self.live_replicas_impl().await
+    }
+
+    async fn lease_views(&self) -> Result<Vec<LeaseView>, StoreError> {
+        self.lease_views_impl().await
+    }
 }
 
 impl Store {
@@ -283,8 +305,38 @@ impl Store {
 
 impl SourceScan for Collection<Document> {
     async fn stamps(&self, fields: &StampFields) -> Result<Vec<(Bson, Option<Stamp>)>, StoreError> {
+        ScopedSource {
+            coll: self,
+            filter: None,
+        }
+        .stamps(fields)
+        .await
+    }
+
+    async fn fetch(&self, ids: &[Bson]) -> Result<Vec<Document>, StoreError> {
+        ScopedSource {
+            coll: self,
+            filter: None,
+        }
+        .fetch(ids)
+        .await
+    }
+}
+
+/// The part of a watched collection a stream covers: all of it, or the documents a
+/// filter selects (a partition, [`crate::pipeline::Partition::filter`]).
+pub struct ScopedSource<'a> {
+    /// The collection.
+    pub coll: &'a Collection<Document>,
+    /// The documents of the stream (`None`: all).
+    pub filter: Option<Document>,
+}
+
+impl SourceScan for ScopedSource<'_> {
+    async fn stamps(&self, fields: &StampFields) -> Result<Vec<(Bson, Option<Stamp>)>, StoreError> {
         let mut cursor = self
-            .find(doc! {})
+            .coll
+            .find(self.filter.clone().unwrap_or_default())
             .projection(doc! { "_id": 1, fields.version_field.as_str(): 1 })
             .await?;
         let mut out = Vec::new();
@@ -297,7 +349,9 @@ impl SourceScan for Collection<Document> {
     }
 
     async fn fetch(&self, ids: &[Bson]) -> Result<Vec<Document>, StoreError> {
+        // The ids came from this scope's scan; the filter is not needed again.
         Ok(self
+            .coll
             .find(doc! { "_id": { "$in": ids.to_vec() } })
             .await?
             .try_collect()

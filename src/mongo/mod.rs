@@ -11,6 +11,7 @@ pub mod dead_letters;
 pub mod events;
 pub mod lease;
 pub mod log_store;
+pub mod membership;
 pub mod shadows;
 pub mod snapshots;
 
@@ -202,6 +203,7 @@ impl Store {
             coll.create_index(IndexModel::builder().keys(keys).options(options).build())
                 .await?;
         }
+        self.ensure_membership_indexes().await?;
         Ok(())
     }
 }

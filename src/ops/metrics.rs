@@ -41,6 +41,15 @@ pub struct Metrics {
     pub lease_held: IntGaugeVec,
     /// Lease acquisitions (a fast-growing value means flapping), by stream.
     pub lease_acquired: IntCounterVec,
+    /// Streams this replica holds or is claiming (balanced leases).
+    pub streams_held: IntGauge,
+    /// Live replicas in this replica's membership view.
+    pub live_replicas: IntGauge,
+    /// This replica's fair share of the streams, `⌈streams / live replicas⌉`.
+    pub fair_share: IntGauge,
+    /// Streams moved by the balance, by kind: `handed_over` (released to a replica under
+    /// its share), `orphan_taken` (claimed over the share after the grace).
+    pub rebalances: IntCounterVec,
     /// Seconds since the stream's checkpoint was last stored, for streams this replica
     /// consumes. Recomputed from [`Metrics::checkpoint_timestamp`] at every scrape, so it
     /// keeps growing while nothing is stored (a stalled or idle stream).
@@ -150,6 +159,22 @@ impl Metrics {
                 g
             },
             lease_acquired: counter(&r, "eventsync_lease_acquisitions_total", "Times this replica acquired a stream's lease.", &["stream"]),
+            streams_held: {
+                let g = IntGauge::new("eventsync_streams_held", "Streams (partitions included) whose lease this replica holds or is claiming.").expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            live_replicas: {
+                let g = IntGauge::new("eventsync_live_replicas", "Live replicas (unexpired heartbeats) seen by this replica.").expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            fair_share: {
+                let g = IntGauge::new("eventsync_fair_share_streams", "This replica's fair share of the streams: ceil(streams / live replicas).").expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            rebalances: counter(&r, "eventsync_rebalances_total", "Streams moved by the lease balance: handed_over (released to a replica under its share), orphan_taken (claimed over the share after the grace).", &["kind"]),
             checkpoint_age: gauge(&r, "eventsync_checkpoint_age_seconds", "Seconds since this replica last stored the checkpoint of a stream it consumes (computed at scrape).", &["stream"]),
             checkpoint_timestamp: gauge(&r, "eventsync_checkpoint_timestamp_seconds", "Unix time at which the stream's checkpoint was last stored.", &["stream"]),
             http_requests: counter(&r, "eventsync_http_requests_total", "Sync API requests by route, method and status.", &["route", "method", "status"]),
@@ -206,6 +231,9 @@ impl Metrics {
         m.start_time.set(unix_now());
         for reader in ["tail", "subscriber", "missing"] {
             m.log_reads.with_label_values(&[reader]);
+        }
+        for kind in ["handed_over", "orphan_taken"] {
+            m.rebalances.with_label_values(&[kind]);
         }
         m
     }

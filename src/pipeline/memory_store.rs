@@ -27,6 +27,7 @@ use crate::mongo::checkpoints::Checkpoint;
 use crate::mongo::doc_key;
 use crate::mongo::events::EventRecord;
 use crate::mongo::lease::Held;
+use crate::mongo::membership::LeaseView;
 use crate::mongo::shadows::{decode_record, shadow_id, Shadow};
 use crate::mongo::StoreError;
 
@@ -51,6 +52,8 @@ struct State {
     dead_letters: Vec<(String, DeadLetter)>,
     dead_letter_keys: HashSet<(String, String)>,
     leases: HashMap<String, Lease>,
+    /// Replica heartbeats: expiry on the store's clock, and the instance that wrote it.
+    replicas: BTreeMap<String, (i64, String)>,
     clock_ms: i64,
     writes: u64,
     fault: Option<Fault>,
@@ -474,6 +477,54 @@ impl LogStore for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    async fn heartbeat(
+        &self,
+        replica: &str,
+        instance: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        let mut st = self.reads("heartbeat")?;
+        let now = st.clock_ms;
+        let expires = now + ttl.as_millis() as i64;
+        let before = st
+            .replicas
+            .insert(replica.to_owned(), (expires, instance.to_owned()));
+        Ok(before.filter(|(e, _)| *e > now).map(|(_, i)| i))
+    }
+
+    async fn leave(&self, replica: &str) -> Result<(), StoreError> {
+        let mut st = self.reads("leave")?;
+        st.replicas.remove(replica);
+        Ok(())
+    }
+
+    async fn live_replicas(&self) -> Result<Vec<String>, StoreError> {
+        let st = self.reads("live_replicas")?;
+        let now = st.clock_ms;
+        Ok(st
+            .replicas
+            .iter()
+            .filter(|(_, (e, _))| *e > now)
+            .map(|(r, _)| r.clone())
+            .collect())
+    }
+
+    async fn lease_views(&self) -> Result<Vec<LeaseView>, StoreError> {
+        let st = self.reads("lease_views")?;
+        let now = st.clock_ms;
+        let mut v: Vec<LeaseView> = st
+            .leases
+            .iter()
+            .map(|(stream, l)| LeaseView {
+                stream: stream.clone(),
+                holder: l.holder.clone(),
+                live: l.expires_ms > now,
+            })
+            .collect();
+        v.sort_by(|a, b| a.stream.cmp(&b.stream));
+        Ok(v)
     }
 }
 

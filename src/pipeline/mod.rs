@@ -10,6 +10,7 @@
 //! finishes a batch a crash interrupted.
 
 pub mod append;
+pub mod balance;
 pub mod control;
 pub mod memory_store;
 pub mod publish;
@@ -34,6 +35,44 @@ pub struct StreamConfig {
     pub database: String,
     /// The collection.
     pub collection: String,
+    /// Partitions `P` (1 to 64, default 1): each partition is a stream of its own (lease,
+    /// checkpoint, dense position) over the documents whose `_id` hashes to it, named
+    /// `database.collection#p/P` (`p` from 0). With 1 the stream is `database.collection`.
+    #[serde(default = "one_partition")]
+    pub partitions: u32,
+}
+
+fn one_partition() -> u32 {
+    1
+}
+
+/// One partition of a stream: the documents whose `_id` hash modulo `count` is `index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partition {
+    /// `p`, from 0.
+    pub index: u32,
+    /// `P`.
+    pub count: u32,
+}
+
+impl Partition {
+    /// The aggregation expression of a document's partition, from the `_id` at `id_path`
+    /// (`"$documentKey._id"` in a change event, `"$_id"` in a collection):
+    /// `((toHashedIndexKey(_id) mod P) + P) mod P` — MongoDB's hashed-index hash, so
+    /// stable across servers and versions; `$mod` keeps the sign of the dividend, hence
+    /// the `+ P`.
+    pub fn of_id(id_path: &str, count: u32) -> bson::Bson {
+        let p = i64::from(count);
+        bson::bson!({ "$mod": [
+            { "$add": [ { "$mod": [ { "$toHashedIndexKey": id_path }, p ] }, p ] },
+            p
+        ] })
+    }
+
+    /// A filter (`$expr`) selecting this partition's documents, the `_id` at `id_path`.
+    pub fn filter(&self, id_path: &str) -> bson::Document {
+        bson::doc! { "$expr": { "$eq": [ Self::of_id(id_path, self.count), i64::from(self.index) ] } }
+    }
 }
 
 impl StreamConfig {
@@ -42,8 +81,28 @@ impl StreamConfig {
         format!("{}.{}", self.database, self.collection)
     }
 
+    /// The streams this collection is consumed as: itself (`P = 1`), or one per
+    /// partition, `database.collection#p/P`.
+    pub fn streams(&self) -> Vec<(String, Option<Partition>)> {
+        if self.partitions <= 1 {
+            return vec![(self.name(), None)];
+        }
+        (0..self.partitions)
+            .map(|index| {
+                (
+                    format!("{}#{index}/{}", self.name(), self.partitions),
+                    Some(Partition {
+                        index,
+                        count: self.partitions,
+                    }),
+                )
+            })
+            .collect()
+    }
+
     pub(crate) fn validate(&self, i: usize) -> Result<(), ConfigError> {
         valid_db_name(&format!("streams[{i}].database"), &self.database)?;
+        in_range(&format!("streams[{i}].partitions"), self.partitions, 1, 64)?;
         if self.collection.is_empty()
             || self.collection.contains(['$', '\0'])
             || self.collection.starts_with("system.")
@@ -146,5 +205,35 @@ impl PipelineConfig {
             60_000,
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partitioned_collection_is_one_stream_per_partition() {
+        let mut s = StreamConfig {
+            database: "app".into(),
+            collection: "orders".into(),
+            partitions: 1,
+        };
+        assert_eq!(s.streams(), vec![("app.orders".to_owned(), None)]);
+        s.partitions = 3;
+        let names: Vec<String> = s.streams().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            ["app.orders#0/3", "app.orders#1/3", "app.orders#2/3"]
+        );
+        assert_eq!(s.streams()[2].1, Some(Partition { index: 2, count: 3 }));
+        let f = Partition { index: 2, count: 3 }.filter("$_id");
+        assert_eq!(
+            f,
+            bson::doc! { "$expr": { "$eq": [
+                { "$mod": [ { "$add": [ { "$mod": [ { "$toHashedIndexKey": "$_id" }, 3_i64 ] }, 3_i64 ] }, 3_i64 ] },
+                2_i64
+            ] } }
+        );
     }
 }

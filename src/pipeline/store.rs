@@ -17,6 +17,7 @@
 //! | checkpoint ([`LogStore::save_checkpoint`]) | epoch-conditional and monotonic: only by the lease epoch that stored it last or a newer one, and never to a lower position |
 //! | dead letters ([`LogStore::dead_letter`]) | idempotent: keyed by stream and change (resume token), so a replay or a stale holder writes the same record once |
 //! | leases ([`LogStore::acquire_lease`], [`LogStore::renew_lease`]) | compare-and-swap on holder, epoch and expiry |
+//! | heartbeats ([`LogStore::heartbeat`]) | none needed: a replica writes only its own document, and the balance read from them only decides *whether to try* a lease — who consumes is still decided by the lease CAS above |
 //!
 //! Snapshots (compaction) move only forward by compare-and-swap on their version.
 //! In addition, the appender stops before a write once its [`super::append::LeaseGuard`]
@@ -33,6 +34,7 @@ use crate::client::StampFields;
 use crate::mongo::checkpoints::Checkpoint;
 use crate::mongo::events::EventRecord;
 use crate::mongo::lease::Held;
+use crate::mongo::membership::LeaseView;
 use crate::mongo::shadows::Shadow;
 use crate::mongo::StoreError;
 
@@ -161,6 +163,26 @@ pub trait LogStore: Clone + Send + Sync + 'static {
         holder: &str,
         epoch: i64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Announces `replica` (this process: `instance`) as live until `ttl` from now (see
+    /// [`crate::mongo::membership`]). Returns the instance that wrote the heartbeat
+    /// before, if it was still live: another instance there means two processes share
+    /// the replica id.
+    fn heartbeat(
+        &self,
+        replica: &str,
+        instance: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
+    /// Withdraws `replica`'s heartbeat (graceful shutdown).
+    fn leave(&self, replica: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The replicas whose heartbeat has not expired, sorted.
+    fn live_replicas(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// Every stream's lease: its holder and whether it is live.
+    fn lease_views(&self) -> impl Future<Output = Result<Vec<LeaseView>, StoreError>> + Send;
 }
 
 /// What a re-read reads: the watched collection.

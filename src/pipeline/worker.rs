@@ -6,6 +6,11 @@
 //! only live — by a task that runs beside the whole run; when it is lost, the run is
 //! dropped at once (wherever it is: every point between two writes is safe, see
 //! [`super::store`]) and the appender's [`LeaseGuard`] refuses further writes.
+//!
+//! Balance ([`super::balance`]): the lease is only tried while the [`Balancer`] gives this
+//! replica a slot (under its fair share, or a stream left free past the grace), and
+//! between two batches a run over the share hands its stream over: it returns once the
+//! batch and its checkpoint are stored, and only then is the lease released.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,16 +21,18 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, info_span, warn, Instrument};
 
 use super::append::{Appender, BatchStats, Committer, LeaseGuard, Phase, Prepared};
+use super::balance::{Balancer, Claim};
 use super::publish::Publisher;
 use super::recovery::recover;
 use super::resync::resync;
 use super::source::{self, Item, SourceError};
 use super::store::{DeadLetter, LogStore};
 use super::transform::{DocChange, Observed};
-use super::PipelineConfig;
+use super::{Partition, PipelineConfig};
 use crate::client::StampFields;
 use crate::mongo::change_stream::{self, is_history_lost, ChangeKind};
 use crate::mongo::lease::LeaseConfig;
+use crate::mongo::log_store::ScopedSource;
 use crate::mongo::{doc_key, Store, StoreError};
 use crate::ops::health::{Health, StreamRole};
 use crate::ops::metrics;
@@ -74,8 +81,10 @@ impl WorkerError {
 /// Everything a stream needs.
 #[derive(Clone)]
 pub struct StreamWorker {
-    /// `db.collection`.
+    /// `db.collection`, or `db.collection#p/P` for a partition.
     pub name: String,
+    /// The partition of the collection this stream covers (`None`: all of it).
+    pub partition: Option<Partition>,
     /// The watched collection.
     pub source: Collection<Document>,
     /// The daemon database.
@@ -92,6 +101,17 @@ pub struct StreamWorker {
     pub publisher: Publisher,
     /// Health state.
     pub health: Arc<Health>,
+    /// This replica's share of the streams.
+    pub balancer: Arc<Balancer>,
+}
+
+/// How a run that kept its lease ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunEnd {
+    /// Shutdown was requested.
+    Shutdown,
+    /// This replica is over its fair share: the stream is handed over.
+    HandOver,
 }
 
 async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) {
@@ -102,6 +122,11 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) {
 }
 
 impl StreamWorker {
+    /// The change stream's `$match` of a partition: its documents' events only.
+    fn events_filter(&self) -> Option<Document> {
+        self.partition.map(|p| p.filter("$documentKey._id"))
+    }
+
     /// Runs until `shutdown` turns true; then stores the checkpoint and releases the lease.
     pub async fn supervise(self, mut shutdown: watch::Receiver<bool>) {
         let span = info_span!("stream", stream = %self.name);
@@ -111,9 +136,19 @@ impl StreamWorker {
             let mut backoff = base;
             self.health.set_role(&self.name, StreamRole::Starting);
             while !*shutdown.borrow() {
+                // Counted in this replica's share from the attempt until the lease is
+                // released (dropped at the end of the iteration).
+                let Some(slot) = self.balancer.claim(&self.name) else {
+                    self.health.set_role(&self.name, StreamRole::StandingBy);
+                    sleep_or_shutdown(self.lease.renew(), &mut shutdown).await;
+                    continue;
+                };
                 match self.store.acquire_lease(&self.name, &self.holder, self.lease.ttl()).await {
                     Ok(Some(held)) => {
-                        info!(epoch = held.epoch, holder = %self.holder, "lease acquired; consuming");
+                        info!(epoch = held.epoch, holder = %self.holder, claim = ?slot.claim, "lease acquired; consuming");
+                        if slot.claim == Claim::Orphaned {
+                            m.rebalances.with_label_values(&["orphan_taken"]).inc();
+                        }
                         m.lease_held.with_label_values(&[&self.name]).set(1);
                         m.lease_acquired.with_label_values(&[&self.name]).inc();
                         self.health.set_role(&self.name, StreamRole::Consuming);
@@ -135,11 +170,21 @@ impl StreamWorker {
                         drop(renewer);
                         m.lease_held.with_label_values(&[&self.name]).set(0);
                         match result {
-                            Ok(()) => {
+                            Ok(end) => {
+                                // The run has stopped writing: only now is the lease let go.
                                 if let Err(e) = self.store.release_lease(&self.name, &self.holder, held.epoch).await {
+                                    m.error("lease", e.kind());
                                     warn!(error = %e, "could not release the lease; it expires on its own");
                                 }
-                                break;
+                                if end == RunEnd::Shutdown {
+                                    break;
+                                }
+                                m.rebalances.with_label_values(&["handed_over"]).inc();
+                                info!(epoch = held.epoch, held = self.balancer.held().saturating_sub(1), "over the fair share: stream handed over");
+                                self.health.set_role(&self.name, StreamRole::StandingBy);
+                                drop(slot);
+                                sleep_or_shutdown(self.lease.renew(), &mut shutdown).await;
+                                backoff = base;
                             }
                             Err(WorkerError::Reopen(why)) => {
                                 warn!(%why, "re-opening the stream and re-reading the collection");
@@ -180,7 +225,7 @@ impl StreamWorker {
         &self,
         guard: LeaseGuard,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<(), WorkerError> {
+    ) -> Result<RunEnd, WorkerError> {
         let m = metrics();
         // HOOK (operator controls): a paused stream is held here, without a change stream,
         // until resumed (src/pipeline/control.rs). The lease is renewed meanwhile by the
@@ -196,7 +241,7 @@ impl StreamWorker {
         .await
         {
             super::control::Hold::Run => {}
-            super::control::Hold::Shutdown => return Ok(()),
+            super::control::Hold::Shutdown => return Ok(RunEnd::Shutdown),
         }
         let stored = self.store.load_checkpoint(&self.name).await?;
         let cp = recover(&self.store, &self.name, &guard, &self.fields, stored).await?;
@@ -213,22 +258,42 @@ impl StreamWorker {
         let batch = self.pipeline.batch_size as u32;
         let (stream, reason) = match &cp.token {
             Some(token) => {
-                match change_stream::open(&self.source, Some(token), batch, max_await).await {
+                match change_stream::open(
+                    &self.source,
+                    self.events_filter().as_ref(),
+                    Some(token),
+                    batch,
+                    max_await,
+                )
+                .await
+                {
                     Ok(s) => (s, cp.resync_pending.then_some("interrupted")),
                     Err(e) if is_history_lost(&e) => {
                         warn!(error = %e, "resume point no longer in the oplog; re-reading the collection");
-                        let s = change_stream::open(&self.source, None, batch, max_await)
-                            .await
-                            .map_err(WorkerError::Open)?;
+                        let s = change_stream::open(
+                            &self.source,
+                            self.events_filter().as_ref(),
+                            None,
+                            batch,
+                            max_await,
+                        )
+                        .await
+                        .map_err(WorkerError::Open)?;
                         (s, Some("history_lost"))
                     }
                     Err(e) => return Err(WorkerError::Open(e)),
                 }
             }
             None => {
-                let s = change_stream::open(&self.source, None, batch, max_await)
-                    .await
-                    .map_err(WorkerError::Open)?;
+                let s = change_stream::open(
+                    &self.source,
+                    self.events_filter().as_ref(),
+                    None,
+                    batch,
+                    max_await,
+                )
+                .await
+                .map_err(WorkerError::Open)?;
                 (
                     s,
                     Some(if cp.resync_pending && cp.seq > 0 {
@@ -246,9 +311,13 @@ impl StreamWorker {
             appender
                 .process(&[], start.clone(), Phase::Rereading)
                 .await?;
+            let scope = ScopedSource {
+                coll: &self.source,
+                filter: self.partition.map(|p| p.filter("$_id")),
+            };
             resync(
                 &mut appender,
-                &self.source,
+                &scope,
                 start,
                 self.pipeline.batch_size,
                 self.pipeline.resync_compare,
@@ -291,7 +360,7 @@ impl StreamWorker {
                     if *shutdown.borrow() {
                         pipeline.finish(&mut appender).await?;
                         info!(seq = appender.checkpoint.seq, "shutting down: checkpoint stored");
-                        return Ok(());
+                        return Ok(RunEnd::Shutdown);
                     }
                 }
                 // HOOK (operator controls): pause / re-read / start-at end the run and re-open.
@@ -309,6 +378,12 @@ impl StreamWorker {
                     self.handle(&mut appender, &mut pipeline, drained).instrument(batch).await?;
                     let age = (DateTime::now().timestamp_millis() - appender.checkpoint.updated_at.timestamp_millis()) as f64 / 1000.0;
                     m.checkpoint_age.with_label_values(&[&self.name]).set(age.max(0.0));
+                    // Between two batches: once the last one and its checkpoint are stored.
+                    if self.balancer.should_yield(&self.name) {
+                        pipeline.finish(&mut appender).await?;
+                        info!(seq = appender.checkpoint.seq, "handing the stream over: checkpoint stored");
+                        return Ok(RunEnd::HandOver);
+                    }
                 }
             }
         }
