@@ -92,7 +92,7 @@ pub struct MemoryStore {
     pauses: Arc<Mutex<HashMap<u64, Arc<Pause>>>>,
 }
 
-/// One stored record per write, for [`MemoryStore::fail_at`]'s `landed`.
+/// How much of a write lands: all of it, or (a planned crash) its first records only.
 enum Landed {
     All,
     First(usize),

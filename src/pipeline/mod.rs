@@ -5,9 +5,13 @@
 //!               ──▶ append (events, shadows, checkpoint) ──▶ publish (wake live readers)
 //! ```
 //!
-//! [`worker`] runs one stream while this replica holds its lease; [`resync`] re-reads a
-//! collection for the initial sync and after the resume point was lost; [`recovery`]
-//! finishes a batch a crash interrupted.
+//! [`worker`] runs one stream while this replica holds its lease (and [`balance`] decides
+//! which streams it tries); [`resync`] re-reads a collection for the initial sync, after
+//! the resume point was lost and after a lifecycle event; [`recovery`] finishes a batch a
+//! crash interrupted; [`control`] carries out operator controls. Every read and write of
+//! the log path goes through [`store::LogStore`] (how each write is guarded is listed
+//! there), implemented over MongoDB and in memory ([`memory_store`]); [`version`] holds all
+//! version arithmetic.
 
 pub mod append;
 pub mod balance;
