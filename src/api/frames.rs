@@ -345,7 +345,7 @@ impl PageSource for Store {
 }
 
 /// Events and compaction snapshots of a stream after `after`, merged by position, at
-/// most `limit` — the items of [`super::sync::merged_page`], encoded.
+/// most `limit`, encoded once (served by `/v1/sync/missing` and the live tails).
 ///
 /// Where compaction removed events of the range, snapshots are read before and after the
 /// events and the page is read again until both agree (see the body). The snapshot query
