@@ -11,40 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bson::{doc, Bson, Document};
+use bson::{doc, Document};
 use common::*;
-use futures_util::TryStreamExt;
 
 const STREAMS: usize = 12;
 const TTL_MS: u64 = 4_000;
 const RENEW_MS: u64 = 500;
-
-/// Live leases per holder, read from the daemon database.
-async fn held_by(client: &mongodb::Client, event_db: &str) -> BTreeMap<String, usize> {
-    let now = bson::DateTime::now().timestamp_millis();
-    let docs: Vec<Document> = client
-        .database(event_db)
-        .collection::<Document>("leases")
-        .find(doc! {})
-        .await
-        .expect("find leases")
-        .try_collect()
-        .await
-        .expect("read leases");
-    let mut held = BTreeMap::new();
-    for d in docs {
-        let expires = match d.get("expires_at_ms") {
-            Some(Bson::Int64(v)) => *v,
-            Some(Bson::Int32(v)) => i64::from(*v),
-            _ => 0,
-        };
-        if expires > now {
-            let holder = d.get_str("holder").expect("holder").to_owned();
-            *held.entry(holder).or_insert(0) += 1;
-        }
-    }
-    held
-}
 
 fn expect(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
     pairs.iter().map(|(h, n)| (h.to_string(), *n)).collect()
@@ -61,7 +33,7 @@ async fn wait_spread(
     let start = Instant::now();
     let mut last = BTreeMap::new();
     loop {
-        let held = held_by(client, event_db).await;
+        let held = live_leases_by_holder(client, event_db).await;
         if &held == want {
             return start.elapsed();
         }
@@ -154,7 +126,7 @@ async fn three_replicas_share_twelve_streams_and_rebalance() {
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(
-            held_by(&client, &event_db).await,
+            live_leases_by_holder(&client, &event_db).await,
             expect(&[("bal-r0", 4), ("bal-r1", 4), ("bal-r2", 4)]),
             "the spread must hold while no replica comes or goes"
         );

@@ -13,38 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bson::{doc, Bson, Document};
+use bson::{doc, Document};
 use common::*;
-use futures_util::TryStreamExt;
 
 const P: u32 = 4;
-
-async fn live_leases(client: &mongodb::Client, event_db: &str) -> BTreeMap<String, usize> {
-    let now = bson::DateTime::now().timestamp_millis();
-    let docs: Vec<Document> = client
-        .database(event_db)
-        .collection::<Document>("leases")
-        .find(doc! {})
-        .await
-        .expect("find leases")
-        .try_collect()
-        .await
-        .expect("read leases");
-    let mut held = BTreeMap::new();
-    for d in docs {
-        let expires = match d.get("expires_at_ms") {
-            Some(Bson::Int64(v)) => *v,
-            Some(Bson::Int32(v)) => i64::from(*v),
-            _ => 0,
-        };
-        if expires > now {
-            *held
-                .entry(d.get_str("holder").expect("holder").to_owned())
-                .or_insert(0) += 1;
-        }
-    }
-    held
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_partitions_over_two_replicas_replay_exactly() {
@@ -92,7 +64,7 @@ async fn four_partitions_over_two_replicas_replay_exactly() {
         async move {
             wait_for(&format!("leases spread as {want:?}"), timeout, || {
                 let (client, event_db, want) = (client.clone(), event_db.clone(), want.clone());
-                async move { (live_leases(&client, &event_db).await == want).then_some(()) }
+                async move { (live_leases_by_holder(&client, &event_db).await == want).then_some(()) }
             })
             .await
         }

@@ -124,6 +124,19 @@ pub struct Committer<S: LogStore> {
 }
 
 impl<S: LogStore> Committer<S> {
+    /// Records a change that could not become an event (fenced like every write).
+    pub async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        self.guard.check(&self.stream)?;
+        self.store
+            .dead_letter(&self.stream, self.guard.epoch(), letter)
+            .await?;
+        metrics()
+            .dead_letters
+            .with_label_values(&[self.stream.as_str(), letter.reason.as_str()])
+            .inc();
+        Ok(())
+    }
+
     /// Writes `batch`. Batches must be committed one at a time, in preparation order.
     pub async fn commit(&self, batch: Prepared) -> Result<BatchStats, StoreError> {
         let m = metrics();
@@ -132,13 +145,7 @@ impl<S: LogStore> Committer<S> {
         // Dead letters first: a crash after the events would resume past their changes
         // (recovery moves the checkpoint to the last event), and they would be lost.
         for letter in &batch.dead {
-            self.guard.check(stream)?;
-            self.store
-                .dead_letter(stream, self.guard.epoch(), letter)
-                .await?;
-            m.dead_letters
-                .with_label_values(&[stream.as_str(), letter.reason.as_str()])
-                .inc();
+            self.dead_letter(letter).await?;
         }
         if !batch.events.is_empty() {
             self.guard.check(stream)?;
@@ -443,15 +450,7 @@ impl<S: LogStore> Appender<S> {
 
     /// Records a change that never reached the diff stage (undecodable, no document key).
     pub async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
-        self.guard.check(&self.stream)?;
-        self.store
-            .dead_letter(&self.stream, self.guard.epoch(), letter)
-            .await?;
-        metrics()
-            .dead_letters
-            .with_label_values(&[self.stream.as_str(), letter.reason.as_str()])
-            .inc();
-        Ok(())
+        self.committer().dead_letter(letter).await
     }
 
     /// Forgets cached shadows (after a re-read that bypassed the cache).

@@ -600,3 +600,27 @@ pub async fn read_through(
         }
     }
 }
+
+/// Unexpired leases per holder, read from the daemon database.
+pub async fn live_leases_by_holder(
+    client: &mongodb::Client,
+    event_db: &str,
+) -> BTreeMap<String, usize> {
+    use futures_util::TryStreamExt;
+    let now = bson::DateTime::now().timestamp_millis();
+    let docs: Vec<Document> = client
+        .database(event_db)
+        .collection::<Document>("leases")
+        .find(bson::doc! { "expires_at_ms": { "$gt": now } })
+        .await
+        .expect("find leases")
+        .try_collect()
+        .await
+        .expect("read leases");
+    let mut held = BTreeMap::new();
+    for d in docs {
+        let holder = d.get_str("holder").expect("holder").to_owned();
+        *held.entry(holder).or_insert(0) += 1;
+    }
+    held
+}
