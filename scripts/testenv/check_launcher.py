@@ -740,6 +740,19 @@ def main(uri: str) -> int:
     check(delta["insert"] == 3 and delta["query"] == 1 and delta["update"] == 1
           and delta["delete"] == 1 and delta["command"] >= 1, f"opcounters deltas: {delta}")
     ok("k. serverStatus reports opcounters (insert per document, query, update, delete, getmore, command)")
+    st0 = client.admin.command("serverStatus")
+    big = "x" * 200_000
+    opc.insert_one({"_id": "big", "s": big})
+    for _ in range(20):
+        opc.find_one({"_id": "big"})
+    st1 = client.admin.command("serverStatus")
+    net = {k: st1["network"][k] - st0["network"][k] for k in ("bytesIn", "bytesOut", "numRequests")}
+    check(net["bytesIn"] >= 200_000 and net["bytesOut"] >= 20 * 200_000 and net["numRequests"] >= 22,
+          f"network counts the wire bytes: {net}")
+    cpu0 = st0["extra_info"]["user_time_us"] + st0["extra_info"]["system_time_us"]
+    cpu1 = st1["extra_info"]["user_time_us"] + st1["extra_info"]["system_time_us"]
+    check(cpu1 > cpu0, f"extra_info reports the server's CPU time: {cpu0} -> {cpu1}")
+    ok("k. serverStatus reports network bytesIn/bytesOut/numRequests and extra_info CPU times")
 
     client.drop_database(dbname)
     print("ALL CHECKS PASSED")

@@ -112,7 +112,11 @@ i. Collection lifecycle events (nx emitted none).  ``drop``,
 k. ``serverStatus`` reports ``opcounters`` (insert, query, update, delete,
    getmore, command) like MongoDB, counted per command received (an insert
    command counts its documents, update/delete their statements), so a
-   benchmark can count the operations a client costs the server.
+   benchmark can count the operations a client costs the server; also
+   ``network`` (``bytesIn``, ``bytesOut``, ``numRequests``: wire messages
+   received and sent) and ``extra_info`` (``user_time_us``,
+   ``system_time_us``: the server process's CPU), as MongoDB reports them on
+   Linux.
 
 l. A query that combines ``$or`` with other top-level conditions (e.g. a
    lease claim ``{_id: S, $or: [{holder: H}, {expires_at_ms: {$lte: now}}]}``)
@@ -165,6 +169,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import resource
 import struct
 import sys
 import tempfile
@@ -251,6 +256,7 @@ def _build_op_msg_reply(request_id, response_to, document, flags=0):
     header = struct.pack(
         "<iiii", 16 + len(body), request_id, response_to, nx_wire.WireProtocol.OP_MSG
     )
+    _count_bytes("bytesOut", 16 + len(body))
     return header + body
 
 
@@ -268,6 +274,7 @@ def _build_reply(request_id, response_to, documents, flags=0):
     header = struct.pack(
         "<iiii", 16 + len(body), request_id, response_to, nx_wire.WireProtocol.OP_REPLY
     )
+    _count_bytes("bytesOut", 16 + len(body))
     return header + body
 
 
@@ -992,6 +999,38 @@ def _opcounters_now() -> dict[str, Any]:
         return {k: Int64(v) for k, v in _opcounters.items()}
 
 
+_network = {"bytesIn": 0, "bytesOut": 0, "numRequests": 0}
+
+
+def _count_bytes(kind: str, n: int) -> None:
+    with _opcounters_lock:
+        _network[kind] += n
+        if kind == "bytesIn":
+            _network["numRequests"] += 1
+
+
+def _network_now() -> dict[str, Any]:
+    with _opcounters_lock:
+        return {k: Int64(v) for k, v in _network.items()}
+
+
+def _extra_info_now() -> dict[str, Any]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "note": "fields vary by platform",
+        "user_time_us": Int64(int(usage.ru_utime * 1e6)),
+        "system_time_us": Int64(int(usage.ru_stime * 1e6)),
+    }
+
+
+def _counting_parse(parse):
+    def parse_counted(message_bytes):
+        _count_bytes("bytesIn", len(message_bytes))
+        return parse(message_bytes)
+
+    return staticmethod(parse_counted)
+
+
 _orig_handle_command = nx_handler.NeoSQLiteHandler.handle_command
 _orig_handle_insert = nx_handler.NeoSQLiteHandler.handle_insert
 _orig_handle_query = nx_handler.NeoSQLiteHandler.handle_query
@@ -1226,6 +1265,8 @@ def _handle_command(self, msg):
         rid, reply = _orig_handle_command(self, msg)
         if isinstance(reply, dict) and reply.get("ok"):
             reply["opcounters"] = _opcounters_now()
+            reply["network"] = _network_now()
+            reply["extra_info"] = _extra_info_now()
         return rid, reply
 
     if db_name == "local" and cmd.get("find") == "oplog.rs":
@@ -1384,6 +1425,8 @@ async def _run_server(host, port, handler):
 def apply_patches() -> None:
     nx_wire.ResponseBuilder.build_op_msg_reply = staticmethod(_build_op_msg_reply)
     nx_wire.ResponseBuilder.build_reply = staticmethod(_build_reply)
+    nx_wire.OP_MSG.parse = _counting_parse(nx_wire.OP_MSG.parse)
+    nx_wire.OP_QUERY.parse = _counting_parse(nx_wire.OP_QUERY.parse)
     nx_cs.ChangeStreamManager.pull_stream = _pull_stream
     nx_cs.ChangeStreamManager.ensure_tracked = _ensure_tracked
     nx_cs.ChangeStreamManager.create_stream = _create_stream

@@ -21,7 +21,18 @@
 //!    checkpoints, the same write load is written, both start again and catch up; events
 //!    per second over the backlog, for each `P`.
 //!
-//! Prints a table and writes the figures as JSON (`--out`).
+//! 6. **catchup** (`catchup.rs`): one backlog per load (small documents with every change
+//!    its own event, small documents with four changes each, ~100 KB documents) read three
+//!    ways in the same run — raw, a bare persisting loop (the floor of any design that keeps
+//!    its log in the same server) and the daemon; CPU, server operations, bytes and server CPU
+//!    per event.
+//! 7. **streams** (`--streams 1,10,50`): the same small-document catch-up spread over S
+//!    streams, each S with a daemon of its own: events per CPU-second and RSS against S.
+//!
+//! Prints a table and writes the figures as JSON (`--out`); `scripts/bench_compare.py`
+//! compares two such files.
+
+mod catchup;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -67,7 +78,7 @@ struct Args {
     #[arg(long, default_value_t = 100 * 1024)]
     doc_size_large: usize,
     /// Target rates of the paced latency load, writes/s (comma-separated: one run each).
-    #[arg(long, value_delimiter = ',', default_values_t = vec![1000, 250])]
+    #[arg(long, value_delimiter = ',', default_values_t = vec![200, 25])]
     rate: Vec<u64>,
     /// Duration of the paced latency load, seconds.
     #[arg(long, default_value_t = 10)]
@@ -75,9 +86,28 @@ struct Args {
     /// Documents the paced load cycles through.
     #[arg(long, default_value_t = 2000)]
     latency_docs: usize,
-    /// Documents tracked in the memory phase (0: skip the phase).
-    #[arg(long, default_value_t = 100_000)]
-    track_docs: usize,
+    /// Documents tracked in the memory phase (comma-separated: one run each, a fresh daemon
+    /// per run; empty: skip the phase).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![100_000])]
+    track_docs: Vec<usize>,
+    /// Catch-up phase: small documents (each changed once, then four times a quarter of them).
+    #[arg(long, default_value_t = 20_000)]
+    catchup_docs: usize,
+    /// Catch-up phase: ~100 KB documents (each changed once).
+    #[arg(long, default_value_t = 1000)]
+    catchup_large_docs: usize,
+    /// Catch-up phase: the loads to run (comma-separated): small (every change its own
+    /// event), coalesced (four changes per document), large (~100 KB documents).
+    #[arg(long, value_delimiter = ',', default_values_t = ["small", "coalesced", "large"].map(String::from).to_vec())]
+    catchup_loads: Vec<String>,
+    /// Catch-up phase: record a CPU profile of the daemon while it catches up (`perf record
+    /// -F 999 --call-graph dwarf` of the daemon's process) into `PATH.<load>` (read it with
+    /// `perf report -i PATH.<load> --no-children`).
+    #[arg(long)]
+    perf_out: Option<PathBuf>,
+    /// Stream counts of the scaling phase (comma-separated; one daemon each).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 10, 50])]
+    streams: Vec<usize>,
     /// The `eventsyncd` binary (default: next to this one).
     #[arg(long)]
     daemon_bin: Option<PathBuf>,
@@ -88,9 +118,10 @@ struct Args {
     /// `[compaction]` keys).
     #[arg(long, default_value = "")]
     extra_config: String,
-    /// Phases to run (comma-separated): raw, daemon, latency, tracking, fanout, serve.
+    /// Phases to run (comma-separated): catchup, raw, daemon, latency, tracking, fanout,
+    /// serve, streams.
     /// `daemon` needs `raw` (the ratio); the others run alone.
-    #[arg(long, value_delimiter = ',', default_values_t = ["raw", "daemon", "latency", "tracking", "fanout", "serve"].map(String::from).to_vec())]
+    #[arg(long, value_delimiter = ',', default_values_t = ["catchup", "raw", "daemon", "latency", "tracking", "fanout", "serve", "streams"].map(String::from).to_vec())]
     phases: Vec<String>,
     /// Live fan-out: numbers of SSE subscribers on one replica (one run each).
     #[arg(long, value_delimiter = ',', default_values_t = vec![1, 100, 1000])]
@@ -285,14 +316,7 @@ impl DaemonProc {
 
     /// utime + stime, seconds.
     fn cpu_secs(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the command name (which is in parentheses and may contain spaces).
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // utime and stime are fields 14 and 15 of the line; 12 and 13 after the name.
-        (ticks(11) + ticks(12)) / clock_ticks()
+        process_cpu_secs(self.pid())
     }
 
     async fn metrics(&self) -> String {
@@ -303,17 +327,7 @@ impl DaemonProc {
 
     /// Change events the daemon has finished with (appended, skipped, dead-lettered).
     async fn done_changes(&self, stream: &str) -> u64 {
-        let text = self.metrics().await;
-        let label = format!("stream=\"{stream}\"");
-        text.lines()
-            .filter(|l| {
-                (l.starts_with("eventsync_events_appended_total{")
-                    || l.starts_with("eventsync_changes_skipped_total{")
-                    || l.starts_with("eventsync_dead_letters_total{"))
-                    && l.contains(&label)
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
+        done_in(&self.metrics().await, stream)
     }
 
     fn log_tail(&self) -> String {
@@ -322,6 +336,34 @@ impl DaemonProc {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 }
+
+/// Change events of `stream` finished (appended, skipped, dead-lettered) in a `/metrics` text.
+fn done_in(text: &str, stream: &str) -> u64 {
+    let label = format!("stream=\"{stream}\"");
+    text.lines()
+        .filter(|l| {
+            (l.starts_with("eventsync_events_appended_total{")
+                || l.starts_with("eventsync_changes_skipped_total{")
+                || l.starts_with("eventsync_dead_letters_total{"))
+                && l.contains(&label)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// utime + stime of process `pid`, seconds.
+fn process_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line; 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+/// The change-stream batch size of the bare driver loops (the daemon's default).
+const BATCH: u32 = 256;
 
 impl Drop for DaemonProc {
     fn drop(&mut self) {
@@ -448,22 +490,7 @@ fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Op
 
 /// Operations the server has served (serverStatus `opcounters`), when it reports them.
 async fn server_ops(client: &mongodb::Client) -> Option<i64> {
-    let s = client
-        .database("admin")
-        .run_command(doc! { "serverStatus": 1 })
-        .await
-        .ok()?;
-    let ops = s.get_document("opcounters").ok()?;
-    Some(
-        ops.iter()
-            .filter_map(|(_, v)| match v {
-                Bson::Int32(n) => Some(i64::from(*n)),
-                Bson::Int64(n) => Some(*n),
-                Bson::Double(n) => Some(*n as i64),
-                _ => None,
-            })
-            .sum(),
-    )
+    catchup::ServerCounters::read(client).await.map(|c| c.ops)
 }
 
 /// Waits until the daemon's first checkpoint of `stream` (the change stream is open).
@@ -610,7 +637,7 @@ async fn raw_phase(db: &mongodb::Database, a: &Args) -> Result<Value> {
     let mut stream = coll
         .watch()
         .full_document(FullDocumentType::UpdateLookup)
-        .batch_size(256)
+        .batch_size(BATCH)
         .max_await_time(Duration::from_millis(200))
         .await?
         .with_type::<RawDocumentBuf>();
@@ -901,6 +928,11 @@ async fn latency_phase(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let before = seen.lock().await.len();
+    let events_coll = client.database(event_db).collection::<Document>("events");
+    let events0 = events_coll
+        .count_documents(doc! { "stream": &stream })
+        .await?;
+    let cpu0 = daemon.cpu_secs();
 
     // Open-loop schedule: write k starts at k / rate (a late write starts at once).
     let total = rate * a.latency_secs;
@@ -955,6 +987,11 @@ async fn latency_phase(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     subscriber.abort();
+    let live_cpu = daemon.cpu_secs() - cpu0;
+    let live_events = events_coll
+        .count_documents(doc! { "stream": &stream })
+        .await?
+        - events0;
 
     // Event appended_at of every (key, to_version) of the stream.
     let events: Vec<Document> = client
@@ -1015,6 +1052,9 @@ async fn latency_phase(
         "write_to_subscriber": percentiles(to_subscriber),
         "subscriber": if use_sse { "sse /v1/streams/{stream}/live" } else { "tailing the events collection (5 ms poll)" },
         "writes_without_event": missing,
+        "events": live_events,
+        "daemon_cpu_secs": round(live_cpu),
+        "events_per_cpu_sec": round(live_events as f64 / live_cpu.max(1e-3)),
     }))
 }
 
@@ -1499,40 +1539,37 @@ async fn tracking_phase(
     bin: &Path,
     dir: &Path,
     a: &Args,
+    docs: usize,
 ) -> Result<Value> {
-    let coll = db.collection::<Document>("track");
+    let name = format!("track{docs}");
+    let coll = db.collection::<Document>(&name);
     let start = Instant::now();
     let mut batch = Vec::with_capacity(1000);
-    for i in 0..a.track_docs {
+    for i in 0..docs {
         batch.push(doc! { "_id": i as i64, "n": 0_i32, "s": payload(64, i), "version": 1_i64, "_origin": "bench-track" });
-        if batch.len() == 1000 || i + 1 == a.track_docs {
+        if batch.len() == 1000 || i + 1 == docs {
             coll.insert_many(std::mem::take(&mut batch)).await?;
         }
     }
     let insert_secs = start.elapsed().as_secs_f64();
     let event_db = format!("{}_tlog", db.name());
-    let stream = format!("{}.track", db.name());
+    let stream = format!("{}.{name}", db.name());
     let (config, ops, sync, token) = DaemonProc::write_config(
         dir,
         &a.uri,
         &event_db,
-        &[(db.name().to_owned(), "track".to_owned())],
+        &[(db.name().to_owned(), name.clone())],
         &a.pipeline,
         &a.extra_config,
     )?;
     let daemon = DaemonProc::start(bin, config, ops, sync, token)?;
-    let (busy, total, cpu) = wait_done(
-        &daemon,
-        &stream,
-        a.track_docs as u64,
-        Duration::from_secs(900),
-    )
-    .await?;
+    let (busy, total, cpu) =
+        wait_done(&daemon, &stream, docs as u64, Duration::from_secs(900)).await?;
     let (hwm_sync, rss_sync) = daemon.memory_kib();
     wait_streaming(client, &event_db, &stream, &daemon).await?;
     // Live updates spread over all documents (cache misses: shadows read back).
-    let updates = 5000.min(a.track_docs);
-    let step = (a.track_docs / updates.max(1)).max(1);
+    let updates = 5000.min(docs);
+    let step = (docs / updates.max(1)).max(1);
     for j in 0..updates {
         coll.update_one(
             doc! { "_id": (j * step) as i64 },
@@ -1543,7 +1580,7 @@ async fn tracking_phase(
     wait_done(
         &daemon,
         &stream,
-        (a.track_docs + updates) as u64,
+        (docs + updates) as u64,
         Duration::from_secs(300),
     )
     .await?;
@@ -1556,11 +1593,11 @@ async fn tracking_phase(
         .map_err(|e| eprintln!("drop {event_db}: {e}"));
     drop(daemon);
     Ok(json!({
-        "documents": a.track_docs,
+        "documents": docs,
         "insert_secs": round(insert_secs),
         "initial_sync_secs": round(busy),
         "initial_sync_secs_incl_start": round(total),
-        "initial_sync_docs_per_s": round(a.track_docs as f64 / busy),
+        "initial_sync_docs_per_s": round(docs as f64 / busy),
         "initial_sync_cpu_secs": round(cpu),
         "live_updates": updates,
         "rss_after_initial_sync_kib": rss_sync,
@@ -1661,6 +1698,15 @@ fn table(r: &Value) {
             ),
         ));
         rows.push(("  write ack".into(), lat(&p("write_ack"))));
+        rows.push((
+            "  daemon CPU (live, incl. one SSE subscriber)".into(),
+            format!(
+                "{} events per CPU-s ({} events, {} CPU-s)",
+                g(&p("events_per_cpu_sec")),
+                g(&p("events")),
+                g(&p("daemon_cpu_secs"))
+            ),
+        ));
         rows.push(("  write -> appended".into(), lat(&p("write_to_appended"))));
         rows.push((
             "  write -> live subscriber".into(),
@@ -1734,29 +1780,71 @@ fn table(r: &Value) {
             ));
         }
     }
-    rows.extend([
-        (
-            "daemon peak RSS (phases 2-3)".into(),
-            mib(&g("/daemon_peak_rss_kib")),
-        ),
-        (
-            "tracking docs".into(),
-            format!("{}", g("/tracking/documents")),
-        ),
-        (
-            "initial sync".into(),
-            format!("{} docs/s", g("/tracking/initial_sync_docs_per_s")),
-        ),
-        (
-            "RSS tracking (after sync / after updates / peak)".into(),
+    rows.extend([(
+        "daemon peak RSS (phases 2-3)".into(),
+        mib(&g("/daemon_peak_rss_kib")),
+    )]);
+    for i in 0..g("/tracking").as_array().map_or(0, Vec::len) {
+        let p = |k: &str| g(&format!("/tracking/{i}/{k}"));
+        rows.push((
+            format!("tracking {} docs", p("documents")),
             format!(
-                "{} / {} / {}",
-                mib(&g("/tracking/rss_after_initial_sync_kib")),
-                mib(&g("/tracking/rss_after_updates_kib")),
-                mib(&g("/tracking/hwm_kib"))
+                "initial sync {} docs/s ({} CPU-s); RSS after sync / after updates / peak {} / {} / {}",
+                p("initial_sync_docs_per_s"),
+                p("initial_sync_cpu_secs"),
+                mib(&p("rss_after_initial_sync_kib")),
+                mib(&p("rss_after_updates_kib")),
+                mib(&p("hwm_kib"))
             ),
-        ),
-    ]);
+        ));
+    }
+    for (list, label) in [("catchup", "catch-up"), ("streams", "catch-up")] {
+        for i in 0..g(&format!("/{list}")).as_array().map_or(0, Vec::len) {
+            let p = |k: &str| g(&format!("/{list}/{i}/{k}"));
+            rows.push((
+                format!(
+                    "{label} {}: {} x {} B, {} change(s) each, {} stream(s)",
+                    p("load").as_str().unwrap_or("?"),
+                    p("documents"),
+                    p("doc_bytes"),
+                    p("changes_per_document"),
+                    p("streams")
+                ),
+                format!("{} changes", p("changes")),
+            ));
+            for side in ["raw", "baseline", "daemon"] {
+                if p(side).is_null() {
+                    continue;
+                }
+                let q = |k: &str| p(side)[k].clone();
+                rows.push((
+                    format!("  {side}"),
+                    format!(
+                        "{} changes/s, {} events/s, {} MiB/s; {} events per CPU-s; server: {} ops, {} B in, {} B out, {} us CPU per event{}",
+                        q("changes_per_s"),
+                        if side == "daemon" { q("events_per_s") } else { q("changes_per_s") },
+                        q("mib_per_s"),
+                        if side == "daemon" { q("events_per_cpu_sec") } else { q("changes_per_cpu_sec") },
+                        q("server_ops_per_event"),
+                        q("bytes_in_per_event"),
+                        q("bytes_out_per_event"),
+                        q("server_cpu_us_per_event"),
+                        if side == "daemon" { format!("; RSS {}", mib(&q("rss_kib"))) } else { String::new() },
+                    ),
+                ));
+            }
+            if !p("ratio_daemon_to_baseline").is_null() {
+                rows.push((
+                    "  ratio daemon / baseline, daemon / raw".into(),
+                    format!(
+                        "{}, {}",
+                        p("ratio_daemon_to_baseline"),
+                        p("ratio_daemon_to_raw")
+                    ),
+                ));
+            }
+        }
+    }
     for i in 0..g("/partitions").as_array().map_or(0, Vec::len) {
         let p = |k: &str| format!("/partitions/{i}/{k}");
         rows.push((
@@ -1837,6 +1925,8 @@ async fn main() -> Result<()> {
             "doc_size_small": a.doc_size_small, "doc_size_large": a.doc_size_large,
             "large_fraction": a.large_fraction, "rate": a.rate, "latency_secs": a.latency_secs,
             "track_docs": a.track_docs, "pipeline": a.pipeline,
+            "catchup_docs": a.catchup_docs, "catchup_large_docs": a.catchup_large_docs,
+            "streams": a.streams,
             "phases": a.phases, "fanout": a.fanout, "fanout_rate": a.fanout_rate,
             "fanout_secs": a.fanout_secs, "serve_events": a.serve_events,
             "serve_clients": a.serve_clients, "serve_secs": a.serve_secs,
@@ -1846,6 +1936,31 @@ async fn main() -> Result<()> {
     );
 
     let run = |p: &str| a.phases.iter().any(|x| x == p);
+    let small = |name: &str, docs: usize, rounds: usize| catchup::Load {
+        name: name.to_owned(),
+        docs,
+        size: a.doc_size_small,
+        rounds,
+        streams: 1,
+    };
+    let catchup_loads: Vec<catchup::Load> = if run("catchup") {
+        [
+            small("small", a.catchup_docs, 1),
+            small("coalesced", a.catchup_docs / 4, 4),
+            catchup::Load {
+                name: "large".into(),
+                docs: a.catchup_large_docs,
+                size: a.doc_size_large,
+                rounds: 1,
+                streams: 1,
+            },
+        ]
+        .into_iter()
+        .filter(|l| a.catchup_loads.contains(&l.name))
+        .collect()
+    } else {
+        Vec::new()
+    };
     let outcome: Result<()> = async {
         let (config, ops, sync, token) = DaemonProc::write_config(
             &dir,
@@ -1854,12 +1969,34 @@ async fn main() -> Result<()> {
             &["tput", "fan", "serve"]
                 .iter()
                 .map(|c| (app_db.clone(), c.to_string()))
+                .chain(
+                    catchup_loads
+                        .iter()
+                        .flat_map(catchup::Load::collections)
+                        .map(|c| (app_db.clone(), c)),
+                )
                 .chain(a.rate.iter().map(|r| (app_db.clone(), format!("paced{r}"))))
                 .collect::<Vec<_>>(),
             &a.pipeline,
             &a.extra_config,
         )?;
         let mut daemon = DaemonProc::start(&bin, config, ops, sync, token)?;
+        if run("catchup") {
+            let mut runs = Vec::new();
+            for load in &catchup_loads {
+                eprintln!(
+                    "catch-up: {} ({} documents x {} changes)",
+                    load.name, load.docs, load.rounds
+                );
+                let perf = a.perf_out.as_ref().map(|p| p.with_extension(&load.name));
+                let r =
+                    catchup::catchup_phase(&client, &db, &event_db, &daemon, load, perf.as_deref())
+                        .await?;
+                eprintln!("  {r}");
+                runs.push(r);
+            }
+            results.insert("catchup".into(), Value::Array(runs));
+        }
         if run("raw") && run("daemon") {
             eprintln!("phase 1/4: raw change-stream read rate");
             let raw = raw_phase(&db, &a).await?;
@@ -1907,11 +2044,45 @@ async fn main() -> Result<()> {
         }
         results.insert("daemon_peak_rss_kib".into(), json!(daemon.memory_kib().0));
         daemon.stop();
-        if run("tracking") && a.track_docs > 0 {
-            eprintln!("phase 4/4: tracking {} documents", a.track_docs);
-            let t = tracking_phase(&client, &db, &bin, &dir, &a).await?;
-            eprintln!("  {t}");
-            results.insert("tracking".into(), t);
+        if run("tracking") {
+            let mut runs = Vec::new();
+            for &docs in a.track_docs.iter().filter(|&&n| n > 0) {
+                eprintln!("tracking {docs} documents");
+                let t = tracking_phase(&client, &db, &bin, &dir, &a, docs).await?;
+                eprintln!("  {t}");
+                runs.push(t);
+            }
+            results.insert("tracking".into(), Value::Array(runs));
+        }
+        if run("streams") {
+            let mut runs = Vec::new();
+            for &n in a.streams.iter().filter(|&&n| n > 0) {
+                eprintln!("catch-up over {n} stream(s), a daemon of its own");
+                let load = catchup::Load {
+                    name: format!("s{n}"),
+                    docs: a.catchup_docs,
+                    size: a.doc_size_small,
+                    rounds: 1,
+                    streams: n,
+                };
+                let (config, ops, sync, token) = DaemonProc::write_config(
+                    &dir,
+                    &a.uri,
+                    &event_db,
+                    &load
+                        .collections()
+                        .into_iter()
+                        .map(|c| (app_db.clone(), c))
+                        .collect::<Vec<_>>(),
+                    &a.pipeline,
+                    &a.extra_config,
+                )?;
+                let d = DaemonProc::start(&bin, config, ops, sync, token)?;
+                let r = catchup::catchup_phase(&client, &db, &event_db, &d, &load, None).await?;
+                eprintln!("  {r}");
+                runs.push(r);
+            }
+            results.insert("streams".into(), Value::Array(runs));
         }
         let mut parts = Vec::new();
         for &p in &a.partitions {
