@@ -454,7 +454,7 @@ mod tests {
                 String::from_utf8_lossy(f.json()),
                 String::from_utf8_lossy(&expected)
             );
-            let raw = RawDocumentBuf::from_document(&r.to_document()).unwrap();
+            let raw = r.to_raw().unwrap();
             let g = raw_event_frame(&raw).unwrap();
             assert_eq!(g.json(), f.json());
             assert_eq!(g.seq, 42);
@@ -489,7 +489,7 @@ mod tests {
         let mut r = record(None, false);
         r.patch = "[{\"op\":".into();
         assert!(matches!(event_frame(&r), Err(ApiError::Internal(_))));
-        let mut d = r.to_document();
+        let mut d = r.to_document().unwrap();
         d.insert("seq", "x");
         let raw = RawDocumentBuf::from_document(&d).unwrap();
         assert!(raw_event_frame(&raw).is_err());

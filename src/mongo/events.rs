@@ -1,6 +1,6 @@
 //! The event log: one record per document version step.
 
-use bson::{doc, Bson, DateTime, Document, Timestamp};
+use bson::{doc, Bson, DateTime, Document, RawBson, RawDocumentBuf, Timestamp};
 use futures_util::TryStreamExt;
 use mongodb::options::FindOptions;
 use serde::Serialize;
@@ -83,37 +83,65 @@ pub struct EventRecord {
 }
 
 impl EventRecord {
-    /// The stored form.
-    pub fn to_document(&self) -> Document {
-        let mut d = doc! {
-            "stream": &self.stream,
-            "seq": self.seq,
-            "ns": &self.ns,
-            "doc_id": self.doc_id.clone(),
-            "doc_key": &self.doc_key,
-            "from_version": self.from_version,
-            "to_version": self.to_version,
-            "op": self.op.as_str(),
-            "patch": &self.patch,
-            "origin": self.origin.clone().map_or(Bson::Null, Bson::String),
-            "stamped": self.stamped,
-            "stamp": self.stamp.map_or(Bson::Null, Bson::Int64),
-            "appended_at": self.appended_at,
+    /// The stored form, as written (built straight into BSON bytes: the append path
+    /// writes these without an intermediate [`Document`]).
+    pub fn to_raw(&self) -> Result<RawDocumentBuf, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            what: "event",
+            id: format!("{} #{}", self.stream, self.seq),
+            reason,
         };
+        let mut d = RawDocumentBuf::new();
+        d.append("stream", self.stream.as_str());
+        d.append("seq", self.seq);
+        d.append("ns", self.ns.as_str());
+        d.append(
+            "doc_id",
+            RawBson::try_from(self.doc_id.clone()).map_err(|e| corrupt(format!("doc_id: {e}")))?,
+        );
+        d.append("doc_key", self.doc_key.as_str());
+        d.append("from_version", self.from_version);
+        d.append("to_version", self.to_version);
+        d.append("op", self.op.as_str());
+        d.append("patch", self.patch.as_str());
+        match &self.origin {
+            Some(o) => d.append("origin", o.as_str()),
+            None => d.append("origin", RawBson::Null),
+        }
+        d.append("stamped", self.stamped);
+        match self.stamp {
+            Some(v) => d.append("stamp", v),
+            None => d.append("stamp", RawBson::Null),
+        }
+        d.append("appended_at", self.appended_at);
         if let Some(t) = self.cluster_time {
             // As numbers: portable to servers and tools that cannot store Timestamps.
-            d.insert(
-                "cluster_time",
-                doc! { "t": i64::from(t.time), "i": i64::from(t.increment) },
-            );
+            let mut ct = RawDocumentBuf::new();
+            ct.append("t", i64::from(t.time));
+            ct.append("i", i64::from(t.increment));
+            d.append("cluster_time", ct);
         }
         if let Some(t) = self.wall_time {
-            d.insert("wall_time", t);
+            d.append("wall_time", t);
         }
         if let Some(t) = &self.token {
-            d.insert("token", t.clone());
+            d.append(
+                "token",
+                RawDocumentBuf::from_document(t).map_err(|e| corrupt(format!("token: {e}")))?,
+            );
         }
-        d
+        Ok(d)
+    }
+
+    /// The stored form as a [`Document`] (the same fields as [`EventRecord::to_raw`]).
+    pub fn to_document(&self) -> Result<Document, StoreError> {
+        self.to_raw()?
+            .to_document()
+            .map_err(|e| StoreError::Corrupt {
+                what: "event",
+                id: format!("{} #{}", self.stream, self.seq),
+                reason: e.to_string(),
+            })
     }
 
     /// True when `other` is the same step of the same document at the same position: a

@@ -56,10 +56,14 @@ impl LogStore for Store {
     /// the same event (a replay after a crash) is skipped; anything else means another
     /// holder wrote there — [`StoreError::Fenced`], and nothing after it is written.
     async fn append_events(&self, events: &[EventRecord]) -> Result<(), StoreError> {
-        let mut rest: Vec<Document> = events.iter().map(EventRecord::to_document).collect();
+        let mut rest = events
+            .iter()
+            .map(EventRecord::to_raw)
+            .collect::<Result<Vec<_>, _>>()?;
+        let raw_events = self.events().clone_with_type::<RawDocumentBuf>();
         let mut offset = 0usize;
         while !rest.is_empty() {
-            match self.events().insert_many(rest.clone()).ordered(true).await {
+            match raw_events.insert_many(rest.iter()).ordered(true).await {
                 Ok(_) => return Ok(()),
                 Err(e) => {
                     let Some(i) = duplicate_index(&e) else {

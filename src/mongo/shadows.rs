@@ -1,8 +1,9 @@
 //! Shadows: the latest state of every watched document as the log knows it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use bson::{doc, Bson, Document, RawBson, RawDocumentBuf};
+use bson::{doc, Bson, Document, RawBson, RawBsonRef, RawDocument, RawDocumentBuf};
 
 use crate::diff::repr;
 use crate::pipeline::version::{LogVersion, Stamp};
@@ -25,8 +26,9 @@ pub struct Shadow {
     /// The log version the current incarnation began from (the `from_version` of its
     /// first event): events after it belong to this incarnation.
     pub incarnation_from: LogVersion,
-    /// The document state; `None` after a delete.
-    pub doc: Option<Document>,
+    /// The document state; `None` after a delete. Shared: the appender's cache, its
+    /// unconfirmed batches and the batch being prepared hold the same state.
+    pub doc: Option<Arc<Document>>,
 }
 
 impl Shadow {
@@ -46,8 +48,14 @@ pub fn shadow_id(stream: &str, doc_key: &str) -> String {
 pub const MAX_SHADOW_RECORD_BYTES: usize = 16 * 1024 * 1024;
 
 /// The stored form of a shadow, ready to write (and to measure: the type-preserving JSON
-/// text of a document can be several times its BSON size).
-pub fn shadow_record(stream: &str, key: &str, s: &Shadow) -> Result<RawDocumentBuf, StoreError> {
+/// text of a document can be several times its BSON size). `doc_text` is the document's
+/// text when the caller has it already ([`repr::to_text`] of `s.doc`).
+pub fn shadow_record(
+    stream: &str,
+    key: &str,
+    s: &Shadow,
+    doc_text: Option<String>,
+) -> Result<RawDocumentBuf, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         what: "shadow",
         id: key.to_owned(),
@@ -72,13 +80,34 @@ pub fn shadow_record(stream: &str, key: &str, s: &Shadow) -> Result<RawDocumentB
     if let Some(doc) = &s.doc {
         // The type-preserving JSON text: exact whatever the keys and types, and storable
         // by any server (no `$`-keys, no types a server might not keep).
-        d.append("doc", repr::to_text(doc));
+        d.append("doc", doc_text.unwrap_or_else(|| repr::to_text(doc)));
     }
     Ok(d)
 }
 
 /// Reads a stored shadow record: its document key and the shadow.
 pub fn decode_record(d: &Document) -> Result<(String, Shadow), StoreError> {
+    let raw = RawDocumentBuf::from_document(d).map_err(|e| StoreError::Corrupt {
+        what: "shadow",
+        id: d.get_str("doc_key").unwrap_or_default().to_owned(),
+        reason: e.to_string(),
+    })?;
+    decode_raw_record(&raw)
+}
+
+/// An integer field of a raw record (Int32, Int64, or a whole Double).
+fn raw_int(d: &RawDocument, key: &str) -> Option<i64> {
+    match d.get(key).ok()?? {
+        RawBsonRef::Int64(v) => Some(v),
+        RawBsonRef::Int32(v) => Some(i64::from(v)),
+        RawBsonRef::Double(v) if v.fract() == 0.0 => Some(v as i64),
+        _ => None,
+    }
+}
+
+/// Reads a stored shadow record from its BSON bytes (as the store reads it: no
+/// intermediate [`Document`] of the record).
+pub fn decode_raw_record(d: &RawDocument) -> Result<(String, Shadow), StoreError> {
     let key = d.get_str("doc_key").unwrap_or_default().to_owned();
     let corrupt = |reason: String| StoreError::Corrupt {
         what: "shadow",
@@ -86,25 +115,25 @@ pub fn decode_record(d: &Document) -> Result<(String, Shadow), StoreError> {
         reason,
     };
     let doc = match d.get("doc") {
-        Some(Bson::String(text)) => {
-            Some(repr::from_text(text).map_err(|e| corrupt(e.to_string()))?)
-        }
+        Ok(Some(RawBsonRef::String(text))) => Some(Arc::new(
+            repr::from_text(text).map_err(|e| corrupt(e.to_string()))?,
+        )),
         _ => None,
+    };
+    let doc_id = match d.get("doc_id") {
+        Ok(Some(v)) => Bson::try_from(v.to_raw_bson()).map_err(|e| corrupt(e.to_string()))?,
+        _ => return Err(corrupt("doc_id missing".into())),
     };
     Ok((
         key.clone(),
         Shadow {
-            doc_id: d
-                .get("doc_id")
-                .cloned()
-                .ok_or_else(|| corrupt("doc_id missing".into()))?,
+            doc_id,
             version: LogVersion(
-                super::get_int(d, "version")
-                    .ok_or_else(|| corrupt("version: not an integer".into()))?,
+                raw_int(d, "version").ok_or_else(|| corrupt("version: not an integer".into()))?,
             ),
-            stamp: super::get_int(d, "stamp").map(Stamp),
-            offset: super::get_int(d, "offset").unwrap_or(0),
-            incarnation_from: LogVersion(super::get_int(d, "incarnation_from").unwrap_or(0)),
+            stamp: raw_int(d, "stamp").map(Stamp),
+            offset: raw_int(d, "offset").unwrap_or(0),
+            incarnation_from: LogVersion(raw_int(d, "incarnation_from").unwrap_or(0)),
             doc,
         },
     ))
@@ -123,10 +152,14 @@ impl Store {
                 .iter()
                 .map(|k| Bson::String(shadow_id(stream, k)))
                 .collect();
-            let cursor = self.shadows().find(doc! { "_id": { "$in": ids } }).await?;
-            let docs: Vec<Document> = cursor.try_collect().await?;
-            for d in &docs {
-                let (k, s) = decode_record(d)?;
+            let cursor = self
+                .shadows()
+                .clone_with_type::<RawDocumentBuf>()
+                .find(doc! { "_id": { "$in": ids } })
+                .await?;
+            let records: Vec<RawDocumentBuf> = cursor.try_collect().await?;
+            for r in &records {
+                let (k, s) = decode_raw_record(r)?;
                 out.insert(k, s);
             }
         }

@@ -333,7 +333,7 @@ impl Store {
                     doc_id: s.doc_id,
                     version: s.version.get(),
                     seq: 0,
-                    doc: s.doc,
+                    doc: s.doc.map(std::sync::Arc::unwrap_or_clone),
                 },
                 (_, Some(s)) => DocState {
                     doc_id: s.doc_id,

@@ -5,15 +5,14 @@
 //! from moving anything backwards or adding a conflicting event.
 
 use std::collections::HashMap;
-use std::num::NonZeroUsize;
 use std::time::Instant;
 
 use bson::{DateTime, Document};
-use lru::LruCache;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::publish::Publisher;
+use super::shadow_cache::ShadowCache;
 use super::store::{DeadLetter, LogStore, ShadowWrite};
 use super::transform::{step, DocChange, Outcome};
 use super::PipelineConfig;
@@ -82,7 +81,7 @@ pub struct Appender<S: LogStore> {
     guard: LeaseGuard,
     fields: StampFields,
     max_event_bytes: usize,
-    cache: LruCache<String, Shadow>,
+    cache: ShadowCache,
     /// Shadows of prepared batches not yet confirmed written, by batch number: they take
     /// precedence over the cache (which may evict them) and over the store (which may not
     /// have them yet).
@@ -229,9 +228,7 @@ impl<S: LogStore> Appender<S> {
             guard,
             fields,
             max_event_bytes: config.max_event_bytes,
-            cache: LruCache::new(
-                NonZeroUsize::new(config.shadow_cache_entries).unwrap_or(NonZeroUsize::MIN),
-            ),
+            cache: ShadowCache::new(config.shadow_cache_entries, config.shadow_cache_bytes),
             unconfirmed: HashMap::new(),
             prepared_batches: 0,
             publisher,
@@ -345,7 +342,12 @@ impl<S: LogStore> Appender<S> {
             diff_timer.observe(t.elapsed().as_secs_f64());
             // The shadow must be storable too, or the stream could not go past this change.
             let outcome = match outcome {
-                Outcome::Event(ev, shadow) => match shadow_record(&stream, &c.doc_key, &shadow) {
+                Outcome::Event(ev, shadow, text) => match shadow_record(
+                    &stream,
+                    &c.doc_key,
+                    &shadow,
+                    text,
+                ) {
                     Ok(r) if r.as_bytes().len() <= MAX_SHADOW_RECORD_BYTES => {
                         records.insert(
                             c.doc_key.clone(),
@@ -355,7 +357,7 @@ impl<S: LogStore> Appender<S> {
                                 record: r,
                             },
                         );
-                        Outcome::Event(ev, shadow)
+                        Outcome::Event(ev, shadow, None)
                     }
                     Ok(r) => Outcome::DeadLetter {
                         reason: "too_large",
@@ -372,7 +374,7 @@ impl<S: LogStore> Appender<S> {
                 other => other,
             };
             match outcome {
-                Outcome::Event(mut ev, shadow) => {
+                Outcome::Event(mut ev, shadow, _) => {
                     seq += 1;
                     ev.seq = seq;
                     events.push(*ev);
@@ -411,9 +413,14 @@ impl<S: LogStore> Appender<S> {
         };
         self.checkpoint = next.clone();
         // Later batches build on these states (the log will hold them before theirs).
+        let weights: HashMap<&str, usize> = shadows
+            .iter()
+            .map(|w| (w.doc_key.as_str(), w.record.as_bytes().len()))
+            .collect();
         for k in &dirty {
             if let Some(Some(s)) = working.remove(k) {
-                self.cache.put(k.clone(), s.clone());
+                let weight = weights.get(k.as_str()).copied().unwrap_or(0);
+                self.cache.put(k.clone(), s.clone(), weight);
                 self.unconfirmed.insert(k.clone(), (number, s));
             }
         }

@@ -300,7 +300,7 @@ impl LogStore for MemoryStore {
                 }
                 continue;
             }
-            st.events.insert(pos, ev.to_document());
+            st.events.insert(pos, ev.to_document()?);
             st.chain_to.insert(to);
             st.chain_from.insert(from);
         }

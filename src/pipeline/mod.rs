@@ -20,6 +20,7 @@ pub mod memory_store;
 pub mod publish;
 pub mod recovery;
 pub mod resync;
+pub mod shadow_cache;
 pub mod source;
 pub mod store;
 pub mod transform;
@@ -133,6 +134,9 @@ pub struct PipelineConfig {
     pub channel_capacity: usize,
     /// Documents whose shadows are kept in memory (LRU); the rest are read from MongoDB.
     pub shadow_cache_entries: usize,
+    /// Bytes of shadows kept in memory, as their stored records weigh (the in-memory
+    /// form is about twice that); the LRU evicts until both bounds hold.
+    pub shadow_cache_bytes: usize,
     /// A change whose event patch exceeds this many bytes goes to the dead letters.
     pub max_event_bytes: usize,
     /// `maxAwaitTimeMS` of the change stream: how long an idle read waits, milliseconds.
@@ -165,6 +169,7 @@ impl Default for PipelineConfig {
             batch_size: 256,
             channel_capacity: 1024,
             shadow_cache_entries: 10_000,
+            shadow_cache_bytes: 16 * 1024 * 1024,
             max_event_bytes: 4 * 1024 * 1024,
             max_await_ms: 500,
             idle_checkpoint_ms: 1_000,
@@ -188,6 +193,12 @@ impl PipelineConfig {
             self.shadow_cache_entries,
             1,
             100_000_000,
+        )?;
+        in_range(
+            "pipeline.shadow_cache_bytes",
+            self.shadow_cache_bytes,
+            1024 * 1024,
+            1 << 40,
         )?;
         in_range(
             "pipeline.max_event_bytes",

@@ -120,7 +120,7 @@ pub async fn recover<S: LogStore>(
                     stamp,
                     offset: to.offset_for(stamp),
                     incarnation_from,
-                    doc: Some(doc),
+                    doc: Some(std::sync::Arc::new(doc)),
                 }
             };
             match pos {
@@ -134,7 +134,7 @@ pub async fn recover<S: LogStore>(
                 Ok(ShadowWrite {
                     doc_key: key.clone(),
                     version: s.version,
-                    record: shadow_record(stream, key, s)?,
+                    record: shadow_record(stream, key, s, None)?,
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;

@@ -66,8 +66,10 @@ pub struct DocChange {
 /// What the diff stage decided for one change.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Append this event (its `seq` still 0) and store this shadow.
-    Event(Box<EventRecord>, Box<Shadow>),
+    /// Append this event (its `seq` still 0) and store this shadow; with the shadow's
+    /// document as type-preserving JSON text when the diff already encoded it (`None`
+    /// after a delete).
+    Event(Box<EventRecord>, Box<Shadow>, Option<String>),
     /// Nothing new: already covered, a no-op, or waiting for the delete.
     Skip(&'static str),
     /// Cannot become an event; record it and keep the shadow as it is.
@@ -145,6 +147,7 @@ pub fn step(
                         incarnation_from: to,
                         doc: None,
                     }),
+                    None,
                 ),
                 _ => Outcome::Skip("delete of a document the log does not hold"),
             };
@@ -160,7 +163,7 @@ pub fn step(
     let empty = Document::new();
     let (prev_doc, op, incarnation_from) = match (step_taken, shadow) {
         (Step::Continue { .. }, Some(s)) => (
-            s.doc.as_ref().unwrap_or(&empty),
+            s.doc.as_deref().unwrap_or(&empty),
             if matches!(change.observed, Observed::Replaced(_)) {
                 Operation::Replace
             } else {
@@ -173,12 +176,14 @@ pub fn step(
         (Step::NewIncarnation { .. }, Some(s)) if s.deleted() => (&empty, Operation::Insert, from),
         // A new incarnation over a state the log still holds: one event replaces it.
         (Step::NewIncarnation { .. }, Some(s)) => {
-            (s.doc.as_ref().unwrap_or(&empty), Operation::Replace, from)
+            (s.doc.as_deref().unwrap_or(&empty), Operation::Replace, from)
         }
         (Step::Continue { .. }, None) => (&empty, Operation::Insert, from),
     };
 
-    let patch = diff::diff(prev_doc, new_doc);
+    // The new state is encoded once: for the diff and for the stored shadow.
+    let new_value = diff::repr::to_value(new_doc);
+    let patch = diff::diff_values(&diff::repr::to_value(prev_doc), &new_value);
     if matches!(step_taken, Step::Continue { .. }) && patch.is_empty() {
         return Outcome::Skip("no change since the last event");
     }
@@ -215,8 +220,9 @@ pub fn step(
             stamp,
             offset: step_taken.offset(),
             incarnation_from,
-            doc: Some(new_doc.clone()),
+            doc: Some(std::sync::Arc::new(new_doc.clone())),
         }),
+        Some(new_value.to_string()),
     )
 }
 
@@ -247,7 +253,7 @@ mod tests {
 
     fn apply(shadow: &mut Option<Shadow>, c: &DocChange) -> Option<(i64, i64)> {
         match step("db.c", shadow.as_ref(), c, &StampFields::default(), 1 << 20) {
-            Outcome::Event(e, s) => {
+            Outcome::Event(e, s, _) => {
                 *shadow = Some(*s);
                 Some((e.from_version, e.to_version))
             }
@@ -328,7 +334,7 @@ mod tests {
         ] {
             let mut s2 = s.clone();
             let c = observed_change(observed);
-            let Outcome::Event(ev, shadow) =
+            let Outcome::Event(ev, shadow, _) =
                 step("db.c", s2.as_ref(), &c, &StampFields::default(), 1 << 20)
             else {
                 panic!("a new incarnation must produce an event");
@@ -361,7 +367,7 @@ mod tests {
         ] {
             let mut s = None;
             apply(&mut s, &change(Some(d), false));
-            let Outcome::Event(ev, _) = step(
+            let Outcome::Event(ev, _, _) = step(
                 "db.c",
                 s.as_ref(),
                 &change(None, true),

@@ -329,20 +329,34 @@ async fn busy_secs(
             .find_one(doc! { "stream": stream, "seq": seq + 1 })
             .await?
         {
-            first = first.min(ev.get_datetime("appended_at")?.timestamp_millis());
+            first = first.min(millis(ev.get("appended_at")).ok_or("event without appended_at")?);
         }
         if let Some(cp) = db
             .collection::<Document>("checkpoints")
             .find_one(doc! { "_id": stream })
             .await?
         {
-            last = last.max(cp.get_datetime("updated_at")?.timestamp_millis());
+            last = last.max(millis(cp.get("updated_at")).ok_or("checkpoint without updated_at")?);
         }
     }
     if first > last {
         return Err(format!("{streams:?}: no event appended after the pause").into());
     }
     Ok(((last - first) as f64 / 1000.0).max(1e-3))
+}
+
+/// A date's milliseconds; also from the text nx-27017 keeps of a date set by `$set`
+/// (`2026-11-29 03:36:07.654000`, UTC).
+fn millis(value: Option<&Bson>) -> Option<i64> {
+    match value? {
+        Bson::DateTime(d) => Some(d.timestamp_millis()),
+        Bson::String(text) => {
+            bson::DateTime::parse_rfc3339_str(format!("{}Z", text.replacen(' ', "T", 1)))
+                .ok()
+                .map(|d| d.timestamp_millis())
+        }
+        _ => None,
+    }
 }
 
 /// Events of `streams` in the log.
