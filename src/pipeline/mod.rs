@@ -130,8 +130,14 @@ impl StreamConfig {
 pub struct PipelineConfig {
     /// Most changes appended in one batch.
     pub batch_size: usize,
+    /// Most bytes of changes (raw change events) in one batch: large documents make
+    /// smaller batches, so a batch's memory (documents, patches, records) stays bounded.
+    pub batch_bytes: usize,
     /// Capacity of the channel between reading and appending, in changes.
     pub channel_capacity: usize,
+    /// Bytes of changes (raw change events) read but not yet prepared; with
+    /// `channel_capacity`, what bounds the memory of a catch-up over large documents.
+    pub channel_bytes: usize,
     /// Documents whose shadows are kept in memory (LRU); the rest are read from MongoDB.
     pub shadow_cache_entries: usize,
     /// Bytes of shadows kept in memory, as their stored records weigh (the in-memory
@@ -167,7 +173,9 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             batch_size: 256,
+            batch_bytes: 4 * 1024 * 1024,
             channel_capacity: 1024,
+            channel_bytes: 16 * 1024 * 1024,
             shadow_cache_entries: 10_000,
             shadow_cache_bytes: 16 * 1024 * 1024,
             max_event_bytes: 4 * 1024 * 1024,
@@ -193,6 +201,13 @@ impl PipelineConfig {
             self.shadow_cache_entries,
             1,
             100_000_000,
+        )?;
+        in_range("pipeline.batch_bytes", self.batch_bytes, 64 * 1024, 1 << 40)?;
+        in_range(
+            "pipeline.channel_bytes",
+            self.channel_bytes,
+            1024 * 1024,
+            1 << 40,
         )?;
         in_range(
             "pipeline.shadow_cache_bytes",

@@ -40,6 +40,75 @@ pub enum SourceError {
     Mongo(mongodb::error::Error),
 }
 
+/// Bounds the bytes of changes read but not yet appended (besides the channel's bound in
+/// changes): the reader takes a change's weight before handing it over, the worker gives
+/// it back once the batch is prepared. Weights are KiB of the raw change event.
+#[derive(Debug, Clone)]
+pub struct ByteBudget {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    max_kib: u32,
+}
+
+impl ByteBudget {
+    /// A budget of `bytes` (at least 1 KiB).
+    pub fn new(bytes: usize) -> Self {
+        let max_kib = u32::try_from((bytes / 1024).max(1)).unwrap_or(u32::MAX >> 4);
+        Self {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(max_kib as usize)),
+            max_kib,
+        }
+    }
+
+    /// The weight of `item`: its raw size in KiB (at least 1, at most the whole budget, so
+    /// one change larger than the budget still passes alone); 0 for what is not a change.
+    pub fn weight(&self, item: &Item) -> u32 {
+        match item {
+            Item::Change(c) => u32::try_from(c.raw_len.div_ceil(1024))
+                .unwrap_or(u32::MAX)
+                .clamp(1, self.max_kib),
+            _ => 0,
+        }
+    }
+
+    /// Splits `items` (in order) into batches of at most `max_bytes` of changes each (a
+    /// batch holds at least one item), with the weight of each batch.
+    pub fn split(&self, items: Vec<Item>, max_bytes: usize) -> Vec<(Vec<Item>, u32)> {
+        let max_kib = u64::try_from(max_bytes / 1024).unwrap_or(u64::MAX).max(1);
+        let mut out: Vec<(Vec<Item>, u32)> = Vec::new();
+        let mut current: Vec<Item> = Vec::new();
+        let mut weight = 0u32;
+        for item in items {
+            let w = self.weight(&item);
+            if !current.is_empty() && u64::from(weight) + u64::from(w) > max_kib {
+                out.push((std::mem::take(&mut current), weight));
+                weight = 0;
+            }
+            weight += w;
+            current.push(item);
+        }
+        if !current.is_empty() {
+            out.push((current, weight));
+        }
+        out
+    }
+
+    /// Waits until `kib` more fit.
+    async fn take(&self, kib: u32) {
+        if kib > 0 {
+            if let Ok(p) = self.permits.acquire_many(kib).await {
+                p.forget();
+            }
+        }
+    }
+
+    /// Gives back `kib` taken for items now handled.
+    pub fn give_back(&self, kib: u32) {
+        if kib > 0 {
+            self.permits.add_permits(kib as usize);
+        }
+    }
+}
+
 /// Time behind source: now minus the change's wall time (or cluster time), seconds.
 fn observe_behind_source(stream: &str, c: &Change) {
     let at_ms = match (c.wall_time, c.cluster_time) {
@@ -54,12 +123,14 @@ fn observe_behind_source(stream: &str, c: &Change) {
         .observe(behind);
 }
 
-/// Reads `stream` until the channel closes or the stream fails.
+/// Reads `stream` until the channel closes or the stream fails; at most `budget` bytes of
+/// changes wait in the channel.
 pub async fn run(
     stream_name: String,
     mut stream: RawChangeStream,
     tx: mpsc::Sender<Item>,
     idle_every: Duration,
+    budget: ByteBudget,
 ) {
     let changes = metrics().changes_read.with_label_values(&[&stream_name]);
     let mut last_idle = Instant::now();
@@ -116,8 +187,50 @@ pub async fn run(
                 return;
             }
         };
+        budget.take(budget.weight(&item)).await;
         if tx.send(item).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::{doc, RawDocumentBuf};
+
+    fn change(payload_bytes: usize) -> Item {
+        let raw = RawDocumentBuf::from_document(&doc! {
+            "_id": { "_data": "t" }, "operationType": "update",
+            "documentKey": { "_id": 1 },
+            "fullDocument": { "_id": 1, "s": "x".repeat(payload_bytes) },
+        })
+        .expect("encodable");
+        Item::Change(Box::new(decode(&raw).expect("decodable")))
+    }
+
+    #[tokio::test]
+    async fn large_changes_make_smaller_batches_and_the_budget_comes_back() {
+        let budget = ByteBudget::new(1024 * 1024);
+        let items = vec![
+            change(300 * 1024),
+            change(300 * 1024),
+            Item::Idle(doc! { "_data": "i" }),
+            change(300 * 1024),
+            change(10),
+        ];
+        let weights: Vec<u32> = items.iter().map(|i| budget.weight(i)).collect();
+        assert_eq!(weights[2], 0, "an idle token weighs nothing");
+        assert!(weights[0] > 300 && weights[4] == 1, "{weights:?}");
+        let parts = budget.split(items, 700 * 1024);
+        let sizes: Vec<usize> = parts.iter().map(|(p, _)| p.len()).collect();
+        assert_eq!(sizes, vec![3, 2], "order kept, at most ~700 KiB per batch");
+        let total: u32 = parts.iter().map(|(_, w)| *w).sum();
+        assert_eq!(total, weights.iter().sum::<u32>());
+        // A change heavier than the whole budget still passes alone.
+        assert_eq!(budget.weight(&change(3 * 1024 * 1024)), 1024);
+        budget.take(1024).await;
+        budget.give_back(1024);
+        budget.take(1024).await;
     }
 }

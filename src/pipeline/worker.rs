@@ -326,11 +326,13 @@ impl StreamWorker {
         }
 
         let (tx, mut rx) = mpsc::channel(self.pipeline.channel_capacity);
+        let budget = source::ByteBudget::new(self.pipeline.channel_bytes);
         let reader = tokio::spawn(source::run(
             self.name.clone(),
             stream,
             tx,
             Duration::from_millis(self.pipeline.idle_checkpoint_ms),
+            budget.clone(),
         ));
         let _reader_guard = AbortOnDrop(reader);
 
@@ -374,8 +376,12 @@ impl StreamWorker {
                         return Err(WorkerError::ReaderStopped);
                     }
                     let drained: Vec<Item> = std::mem::take(&mut items);
-                    let batch = info_span!("batch", items = n, seq = appender.checkpoint.seq);
-                    self.handle(&mut appender, &mut pipeline, drained).instrument(batch).await?;
+                    // Large documents make smaller batches (pipeline.batch_bytes).
+                    for (part, weight) in budget.split(drained, self.pipeline.batch_bytes) {
+                        let batch = info_span!("batch", items = part.len(), seq = appender.checkpoint.seq);
+                        self.handle(&mut appender, &mut pipeline, part).instrument(batch).await?;
+                        budget.give_back(weight);
+                    }
                     let age = (DateTime::now().timestamp_millis() - appender.checkpoint.updated_at.timestamp_millis()) as f64 / 1000.0;
                     m.checkpoint_age.with_label_values(&[&self.name]).set(age.max(0.0));
                     // Between two batches: once the last one and its checkpoint are stored.
