@@ -495,7 +495,7 @@ fn check(store: &MemoryStore, world: &World, context: &str) {
             "{context}: shadow of {key} is not at the log's version"
         );
         assert_eq!(
-            shadow.doc.as_ref(),
+            shadow.doc.as_deref(),
             replayed.get(key),
             "{context}: shadow of {key} differs from the log's state"
         );
