@@ -19,10 +19,10 @@ WORKDIR /build
 # (If the crate gains a build.rs or explicitly declared [[test]]/[[bench]]/[[example]]
 # targets, copy or stub them here too.)
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src/bin \
+RUN mkdir -p src/bin/eventsync-bench \
     && printf '//! stub\n' > src/lib.rs \
     && printf 'fn main() {}\n' > src/bin/eventsyncd.rs \
-    && printf 'fn main() {}\n' > src/bin/eventsync-bench.rs \
+    && printf 'fn main() {}\n' > src/bin/eventsync-bench/main.rs \
     && cargo build --release --locked --bin eventsyncd \
     && rm -rf src
 
