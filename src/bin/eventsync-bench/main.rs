@@ -1969,19 +1969,29 @@ async fn main() -> Result<()> {
             &["tput", "fan", "serve"]
                 .iter()
                 .map(|c| (app_db.clone(), c.to_string()))
-                .chain(
-                    catchup_loads
-                        .iter()
-                        .flat_map(catchup::Load::collections)
-                        .map(|c| (app_db.clone(), c)),
-                )
                 .chain(a.rate.iter().map(|r| (app_db.clone(), format!("paced{r}"))))
                 .collect::<Vec<_>>(),
             &a.pipeline,
             &a.extra_config,
         )?;
-        let mut daemon = DaemonProc::start(&bin, config, ops, sync, token)?;
+        // Each heavy phase writes to databases of its own (nx-27017 keeps one change log
+        // per database: a long one slows every stream of that database) and, but for the
+        // live phases, runs a daemon of its own.
         if run("catchup") {
+            let cu_db = client.database(&format!("{app_db}_cu"));
+            let (config, ops, sync, token) = DaemonProc::write_config(
+                &dir,
+                &a.uri,
+                &event_db,
+                &catchup_loads
+                    .iter()
+                    .flat_map(catchup::Load::collections)
+                    .map(|c| (cu_db.name().to_owned(), c))
+                    .collect::<Vec<_>>(),
+                &a.pipeline,
+                &a.extra_config,
+            )?;
+            let daemon = DaemonProc::start(&bin, config, ops, sync, token)?;
             let mut runs = Vec::new();
             for load in &catchup_loads {
                 eprintln!(
@@ -1989,14 +1999,21 @@ async fn main() -> Result<()> {
                     load.name, load.docs, load.rounds
                 );
                 let perf = a.perf_out.as_ref().map(|p| p.with_extension(&load.name));
-                let r =
-                    catchup::catchup_phase(&client, &db, &event_db, &daemon, load, perf.as_deref())
-                        .await?;
+                let r = catchup::catchup_phase(
+                    &client,
+                    &cu_db,
+                    &event_db,
+                    &daemon,
+                    load,
+                    perf.as_deref(),
+                )
+                .await?;
                 eprintln!("  {r}");
                 runs.push(r);
             }
             results.insert("catchup".into(), Value::Array(runs));
         }
+        let mut daemon = DaemonProc::start(&bin, config, ops, sync, token)?;
         if run("raw") && run("daemon") {
             eprintln!("phase 1/4: raw change-stream read rate");
             let raw = raw_phase(&db, &a).await?;
@@ -2048,7 +2065,8 @@ async fn main() -> Result<()> {
             let mut runs = Vec::new();
             for &docs in a.track_docs.iter().filter(|&&n| n > 0) {
                 eprintln!("tracking {docs} documents");
-                let t = tracking_phase(&client, &db, &bin, &dir, &a, docs).await?;
+                let tr_db = client.database(&format!("{app_db}_tr"));
+                let t = tracking_phase(&client, &tr_db, &bin, &dir, &a, docs).await?;
                 eprintln!("  {t}");
                 runs.push(t);
             }
@@ -2065,6 +2083,7 @@ async fn main() -> Result<()> {
                     rounds: 1,
                     streams: n,
                 };
+                let st_db = client.database(&format!("{app_db}_st{n}"));
                 let (config, ops, sync, token) = DaemonProc::write_config(
                     &dir,
                     &a.uri,
@@ -2072,13 +2091,13 @@ async fn main() -> Result<()> {
                     &load
                         .collections()
                         .into_iter()
-                        .map(|c| (app_db.clone(), c))
+                        .map(|c| (st_db.name().to_owned(), c))
                         .collect::<Vec<_>>(),
                     &a.pipeline,
                     &a.extra_config,
                 )?;
                 let d = DaemonProc::start(&bin, config, ops, sync, token)?;
-                let r = catchup::catchup_phase(&client, &db, &event_db, &d, &load, None).await?;
+                let r = catchup::catchup_phase(&client, &st_db, &event_db, &d, &load, None).await?;
                 eprintln!("  {r}");
                 runs.push(r);
             }
@@ -2096,7 +2115,14 @@ async fn main() -> Result<()> {
     }
     .await;
     if !a.keep {
-        for name in [&app_db, &event_db] {
+        let mut names = vec![
+            app_db.clone(),
+            event_db.clone(),
+            format!("{app_db}_cu"),
+            format!("{app_db}_tr"),
+        ];
+        names.extend(a.streams.iter().map(|n| format!("{app_db}_st{n}")));
+        for name in &names {
             if let Err(e) = client.database(name).drop().await {
                 eprintln!("cannot drop {name}: {e}");
             }
