@@ -173,7 +173,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             batch_size: 256,
-            batch_bytes: 4 * 1024 * 1024,
+            batch_bytes: 16 * 1024 * 1024,
             channel_capacity: 1024,
             channel_bytes: 16 * 1024 * 1024,
             shadow_cache_entries: 10_000,

@@ -1687,6 +1687,10 @@ fn table(r: &Value) {
             ),
         ),
     ];
+    if g("/raw").is_null() {
+        // The raw and daemon phases did not run: keep the machine row only.
+        rows.truncate(1);
+    }
     for i in 0..g("/latency").as_array().map_or(0, Vec::len) {
         let p = |k: &str| format!("/latency/{i}/{k}");
         rows.push((
