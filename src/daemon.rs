@@ -65,7 +65,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
     let m = metrics();
     info!(uri = %redact_uri(&config.mongodb.uri), streams = config.streams.len(), "starting eventsyncd");
-    let client = config.mongodb.connect().await?;
+    let stream_units: usize = config
+        .streams
+        .iter()
+        .map(|s| s.partitions.max(1) as usize)
+        .sum();
+    let client = config.mongodb.connect(stream_units).await?;
     let store = Store::new(client.clone(), &config.mongodb.event_database);
     let health = Health::new(config.ops.ready_max_lag_secs);
     let publisher = Publisher::new();

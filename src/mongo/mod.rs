@@ -67,14 +67,29 @@ impl MongoConfig {
         Ok(())
     }
 
-    /// Connects (lazily: the driver connects on first use).
-    pub async fn connect(&self) -> Result<Client, mongodb::error::Error> {
+    /// Connects (lazily: the driver connects on first use) for a daemon that follows
+    /// `streams` change streams (partitions counted).
+    ///
+    /// Unless the URI sets `maxPoolSize`, the pool is sized to the streams: each holds a
+    /// connection in an awaiting `getMore` for up to `pipeline.max_await_ms`, and with the
+    /// driver's default of 10 a daemon of 50 streams left no connection for its appends and
+    /// lease renewals (nothing appended in 20 s; 0.2 s with a pool of 128).
+    pub async fn connect(&self, streams: usize) -> Result<Client, mongodb::error::Error> {
         let mut options = ClientOptions::parse(&self.uri).await?;
+        if options.max_pool_size.is_none() {
+            options.max_pool_size = Some(pool_size_for(streams));
+        }
         options.app_name = Some("eventsyncd".into());
         options.server_selection_timeout = Some(Duration::from_millis(self.connect_timeout_ms));
         options.connect_timeout = Some(Duration::from_millis(self.connect_timeout_ms));
         Client::with_options(options)
     }
+}
+
+/// The connection pool a daemon of `streams` change streams needs: one awaiting read and
+/// one write per stream, plus the sync API, compaction, leases and controls.
+pub fn pool_size_for(streams: usize) -> u32 {
+    u32::try_from(streams.saturating_mul(2).saturating_add(16)).unwrap_or(u32::MAX)
 }
 
 pub(crate) fn valid_db_name(key: &str, name: &str) -> Result<(), ConfigError> {
@@ -230,5 +245,21 @@ pub fn get_flag(d: &bson::Document, key: &str) -> Option<bool> {
         Bson::Int32(v) => Some(*v != 0),
         Bson::Int64(v) => Some(*v != 0),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use super::pool_size_for;
+
+    #[test]
+    fn the_pool_grows_with_the_streams_beyond_the_driver_default() {
+        assert!(pool_size_for(0) > 10);
+        for streams in [1, 12, 50, 400] {
+            assert!(
+                pool_size_for(streams) as usize >= 2 * streams + 10,
+                "{streams}"
+            );
+        }
     }
 }
