@@ -141,7 +141,7 @@ pub struct PipelineConfig {
     /// Documents whose shadows are kept in memory (LRU); the rest are read from MongoDB.
     pub shadow_cache_entries: usize,
     /// Bytes of shadows kept in memory, as their stored records weigh (the in-memory
-    /// form is about twice that); the LRU evicts until both bounds hold.
+    /// form is larger); the LRU evicts until both bounds hold.
     pub shadow_cache_bytes: usize,
     /// A change whose event patch exceeds this many bytes goes to the dead letters.
     pub max_event_bytes: usize,

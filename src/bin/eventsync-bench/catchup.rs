@@ -239,7 +239,7 @@ type Reader = mongodb::change_stream::ChangeStream<RawDocumentBuf>;
 
 /// A change stream of `coll` (`updateLookup`, batches of [`BATCH`]), opened now: it reads
 /// what is written after this call.
-async fn open_reader(coll: &mongodb::Collection<Document>) -> Result<Reader> {
+pub async fn open_reader(coll: &mongodb::Collection<Document>) -> Result<Reader> {
     let mut stream = coll
         .watch()
         .full_document(FullDocumentType::UpdateLookup)
@@ -252,7 +252,7 @@ async fn open_reader(coll: &mongodb::Collection<Document>) -> Result<Reader> {
 }
 
 /// The raw read: `changes` changes; (seconds, bytes).
-async fn raw_read(mut stream: Reader, changes: u64) -> Result<(f64, u64)> {
+pub async fn raw_read(mut stream: Reader, changes: u64) -> Result<(f64, u64)> {
     let start = Instant::now();
     let (mut read, mut bytes) = (0u64, 0u64);
     while read < changes {

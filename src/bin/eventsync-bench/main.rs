@@ -43,8 +43,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bson::{doc, Bson, Document, RawDocumentBuf};
 use clap::Parser;
 use eventsync::client::{ClientOptions as SyncOptions, SyncCollection};
-use futures_util::{StreamExt, TryStreamExt};
-use mongodb::options::FullDocumentType;
+use futures_util::TryStreamExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Mutex;
@@ -634,37 +633,17 @@ async fn write_load(coll: &mongodb::Collection<Document>, a: &Args) -> Result<(u
 /// Phase 1: the bare change-stream read rate of the load's backlog.
 async fn raw_phase(db: &mongodb::Database, a: &Args) -> Result<Value> {
     let coll = db.collection::<Document>("raw");
-    let mut stream = coll
-        .watch()
-        .full_document(FullDocumentType::UpdateLookup)
-        .batch_size(BATCH)
-        .max_await_time(Duration::from_millis(200))
-        .await?
-        .with_type::<RawDocumentBuf>();
-    // Make sure the stream is established before writing (the first getMore).
-    let _ = stream.next_if_any().await?;
+    // Established before writing; the same bare read as the catch-up phase's.
+    let stream = catchup::open_reader(&coll).await?;
     let (writes, write_secs) = write_load(&coll, a).await?;
-    let start = Instant::now();
-    let mut read = 0u64;
-    let mut bytes = 0u64;
-    while read < writes {
-        match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
-            Ok(Some(ev)) => {
-                let ev = ev?;
-                bytes += ev.as_bytes().len() as u64;
-                read += 1;
-            }
-            _ => return Err(format!("raw reader stopped after {read} of {writes} changes").into()),
-        }
-    }
-    let secs = start.elapsed().as_secs_f64();
+    let (secs, bytes) = catchup::raw_read(stream, writes).await?;
     Ok(json!({
         "writes": writes,
         "write_secs": round(write_secs),
         "write_rate_per_s": round(writes as f64 / write_secs),
-        "changes_read": read,
+        "changes_read": writes,
         "read_secs": round(secs),
-        "read_rate_per_s": round(read as f64 / secs),
+        "read_rate_per_s": round(writes as f64 / secs),
         "read_mib_per_s": round(bytes as f64 / secs / 1048576.0),
     }))
 }
